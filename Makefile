@@ -1,0 +1,49 @@
+# The two commands of the README: `make demo` and `make test`. Each sets itself up (virtualenv, Rust
+# extension, torch) on a fresh machine of this kind; later runs reuse what is already there.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+GC := $(VENV)/bin/gc
+DEMO ?= demo_out
+RUST_SOURCES := $(shell find gc_tokenizer_rs -name '*.rs' -o -name Cargo.toml) Cargo.toml
+export DS_ACCELERATOR := cpu
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/cache/torch_extensions
+
+.PHONY: setup demo test lint rust-test py-test bench-tokenize clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(RUST_SOURCES)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[train,dev]'
+	touch $@
+
+demo: setup
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(GC) reference info
+	$(GC) reference lookup TP53 Trp53 NR5A1
+	$(GC) inspect data/pbmc3k.h5ad
+	$(GC) qc data/pbmc3k.h5ad --out $(DEMO)/qc
+	$(GC) tokenize data/pbmc3k.h5ad --out $(DEMO)/pbmc3k.zarr --qc-from $(DEMO)/qc --obs-keys cell_type
+	$(GC) corpus validate $(DEMO)/pbmc3k.zarr
+	$(GC) corpus info $(DEMO)/pbmc3k.zarr
+
+lint: setup
+	cargo fmt --all --check
+	cargo clippy --all-targets -- -D warnings
+	$(VENV)/bin/ruff check genecompass cli tests scripts bench
+
+rust-test:
+	cargo test --all
+
+py-test: setup
+	$(PY) -m pytest -q
+
+test: setup lint rust-test py-test
+
+bench-tokenize: setup
+	$(PY) bench/tokenize.py
+
+clean:
+	rm -rf $(VENV) target $(DEMO) cache

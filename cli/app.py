@@ -1,0 +1,56 @@
+"""The `gc` command: one Typer app; each command group registers itself from its own module."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from genecompass import __version__
+from genecompass.errors import GcError
+
+from . import corpus, data, pretrain, qc, reference, tokenize
+from .console import err_console
+
+app = typer.Typer(
+    name="gc",
+    help="gc — the GeneCompass toolkit: raw counts → QC → Zarr corpus → pre-training → embeddings, "
+    "perturbation and GRNs.\n\nExample: gc tokenize data/pbmc3k.h5ad --out pbmc3k.zarr",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """gc — the GeneCompass toolkit."""
+
+
+for module in (reference, data, qc, tokenize, corpus, pretrain):
+    module.register(app)
+
+
+def main() -> None:
+    """Entry point: the project's own errors become one line on stderr and exit code 1
+    (``GC_DEBUG=1`` shows the traceback)."""
+    try:
+        app()
+    except GcError as exc:
+        if os.environ.get("GC_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""`gc corpus`: inspect, validate, merge corpora; compute medians."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .console import JsonOption, OverwriteOption, SpeciesOption, console, existing_paths, print_json, progress_bar
+
+corpus_app = typer.Typer(help="Inspect, validate and merge tokenised corpora; compute gene medians.",
+                         no_args_is_help=True)
+
+
+def _print_info(info: dict) -> None:
+    table = Table(title=info["path"], show_header=False)
+    for key, value in info.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@corpus_app.command("info")
+def info(corpus: Path = typer.Argument(..., help="A corpus (.zarr)."), as_json: bool = JsonOption) -> None:
+    """Summarise a corpus: cells, tokens, species, reference and medians hashes, inputs.
+
+    Example: gc corpus info pbmc3k.zarr
+    """
+    from genecompass.corpus import Corpus
+
+    existing_paths([corpus])
+    summary = Corpus(corpus).info()
+    print_json(summary) if as_json else _print_info(summary)
+
+
+@corpus_app.command("validate")
+def validate(corpus: Path = typer.Argument(..., help="A corpus (.zarr)."), as_json: bool = JsonOption) -> None:
+    """Check every invariant of the corpus format (truncated or inconsistent stores fail with the reason).
+
+    Example: gc corpus validate pbmc3k.zarr
+    """
+    from genecompass.corpus import validate_corpus
+    from genecompass.reference import load_reference
+
+    existing_paths([corpus])
+    with progress_bar("validate", unit="tokens") as progress:
+        summary = validate_corpus(corpus, vocab_size=load_reference().vocab_size, progress=progress)
+    if as_json:
+        print_json(summary)
+    else:
+        console.print(f"[green]valid[/]: {summary['n_cells']:,} cells, {summary['n_tokens']:,} tokens")
+
+
+@corpus_app.command("merge")
+def merge(
+    parts: list[Path] = typer.Argument(..., help="Corpora to concatenate, in order (e.g. shard outputs)."),
+    out: Path = typer.Option(..., "--out", help="The merged corpus."),
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """Concatenate corpora made with the same reference, medians, normalisation and top-k.
+
+    Example: gc corpus merge shards/part-0.zarr shards/part-1.zarr --out corpus.zarr
+    """
+    from genecompass.corpus import merge_corpora
+
+    existing_paths(parts)
+    with progress_bar("merge") as progress:
+        merge_corpora(parts, out, overwrite=overwrite, progress=progress)
+    console.print(f"wrote {out}")
+
+
+@corpus_app.command("medians")
+def medians(
+    inputs: list[Path] = typer.Argument(..., help="Count files the medians are computed over."),
+    out: Path = typer.Option(..., "--out", help="Medians file (TSV) for `gc tokenize --medians`."),
+    no_library_size: bool = typer.Option(False, "--no-library-size", help="As in `gc tokenize`."),
+    qc: bool = typer.Option(False, "--qc", help="Only cells passing the default `gc qc` filters."),
+    qc_from: Path | None = typer.Option(None, "--qc-from", help="Only cells passing a `gc qc` output."),
+    species: str | None = SpeciesOption,
+    allow_non_integer: bool = typer.Option(False, "--allow-non-integer", help="Accept non-integer counts."),
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """Compute per-gene non-zero medians of normalised expression in one streaming pass, to share across
+    `gc tokenize --shard` processes.
+
+    Example: gc corpus medians raw/*.h5ad --out medians.tsv
+    """
+    from genecompass.corpus import check_output_path
+    from genecompass.qc import QcParams
+    from genecompass.reference import load_reference
+    from genecompass.tokenize import TokenizeOptions, compute_medians
+
+    existing_paths(inputs)
+    check_output_path(out, overwrite)
+    options = TokenizeOptions(library_size=not no_library_size, species=species,
+                              allow_non_integer=allow_non_integer)
+    with progress_bar("medians") as progress:
+        result = compute_medians(inputs, options=options, progress=progress,
+                                 qc=qc_from if qc_from is not None else (QcParams() if qc else None))
+    result.save(out, load_reference())
+    console.print(f"wrote {out}: {int((result.n_nonzero > 0).sum()):,} genes, {result.hash}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(corpus_app, name="corpus")
