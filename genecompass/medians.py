@@ -56,10 +56,13 @@ class Medians:
         """Write the TSV (genes with a median only) under a temporary name, then rename."""
         path = Path(path)
         tokens = np.flatnonzero(np.isfinite(self.values))
+        vocab = reference.vocab().loc[tokens]
+        human, mouse = reference.genes("human")["symbol"], reference.genes("mouse")["symbol"]
         table = pd.DataFrame({
             "token_id": tokens,
-            "gene_id": [reference.gene_id_of_token(int(t)) or "" for t in tokens],
-            "symbol": [reference.symbol_of_token(int(t)) or "" for t in tokens],
+            "gene_id": vocab["human_gene_id"].fillna(vocab["mouse_gene_id"]).fillna("").to_numpy(),
+            "symbol": vocab["human_gene_id"].map(human).fillna(vocab["mouse_gene_id"].map(mouse)).fillna("")
+            .to_numpy(),
             "median": [repr(float(v)) for v in self.values[tokens]],
             "n_cells": self.n_nonzero[tokens],
         })
