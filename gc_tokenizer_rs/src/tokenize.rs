@@ -1,0 +1,604 @@
+//! Chunk tokenisation: normalise, rank and truncate every cell of a CSR chunk, in parallel.
+//!
+//! Cells are processed in fixed batches of [`BATCH_CELLS`] consecutive cells; each rayon task
+//! reuses one scratch (dense per-token accumulator plus candidate buffers, see `map_init`), so
+//! there is no per-cell heap allocation. Batch results are collected in input order and
+//! concatenated, so 1 thread and N threads give identical bytes. On invalid input the error of
+//! the first offending cell (in cell order) is returned, whatever the thread count.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::normalize::{check_gene_map, normalize_cell, ratios, CellScratch, CsrChunk, NormParams};
+use crate::topk::{select_top_k, token_value, Ranked};
+
+/// Cells per parallel task. Fixed, so the work split never depends on the thread count.
+pub const BATCH_CELLS: usize = 256;
+
+/// Settings of [`tokenize_chunk`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenizeParams {
+    /// Maximum genes kept per cell (>= 1).
+    pub top_k: usize,
+    /// Normalisation (library size, target sum, integer check).
+    pub norm: NormParams,
+    /// Threads of the rayon pool; 0 = rayon's default.
+    pub n_threads: usize,
+}
+
+/// Statistics of one tokenised chunk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChunkStats {
+    /// Vocabulary genes with a non-zero count that were dropped because their median is unknown
+    /// (NaN or <= 0), summed over the chunk's cells.
+    pub n_dropped_no_median: u64,
+}
+
+/// The tokens of one chunk, in the ragged corpus layout (see `docs/corpus-format.md`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenizedChunk {
+    /// `n_cells + 1` offsets into `genes` / `values`, starting at 0.
+    pub offsets: Vec<i64>,
+    /// Token ids, most highly expressed (relative to the median) first within each cell.
+    pub genes: Vec<u32>,
+    /// `log2(1 + x / median)` per token, rounded once to f32.
+    pub values: Vec<f32>,
+    /// Per cell: vocabulary genes with c > 0 and a known median, before truncation to `top_k`.
+    pub n_expressed: Vec<u32>,
+    /// Chunk statistics.
+    pub stats: ChunkStats,
+}
+
+/// Builds the rayon pool for one call (0 = rayon's default size).
+///
+/// The pool is deliberately not cached: Python data loaders fork, and a cached pool's threads do
+/// not survive a fork, so a child would block forever on it. Starting a few threads per chunk
+/// costs far less than tokenising the chunk.
+pub(crate) fn build_pool(n_threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n_threads)
+        .thread_name(|i| format!("gc-tokenizer-{i}"))
+        .build()
+        .map_err(|e| Error::ThreadPool {
+            n_threads,
+            message: e.to_string(),
+        })
+}
+
+/// Splits `0..n_cells` into the fixed batches processed by one task each.
+pub(crate) fn batches(n_cells: usize) -> impl IndexedParallelIterator<Item = Range<usize>> {
+    let n_batches = n_cells.div_ceil(BATCH_CELLS);
+    (0..n_batches)
+        .into_par_iter()
+        .map(move |b| b * BATCH_CELLS..((b + 1) * BATCH_CELLS).min(n_cells))
+}
+
+/// Reusable buffers of one rayon task.
+struct Scratch {
+    cell: CellScratch,
+    normalized: Vec<(u32, f64)>,
+    ranked: Vec<Ranked>,
+}
+
+/// Output of one batch of consecutive cells.
+#[derive(Default)]
+struct BatchOut {
+    lens: Vec<u32>,
+    genes: Vec<u32>,
+    values: Vec<f32>,
+    n_expressed: Vec<u32>,
+    n_dropped: u64,
+}
+
+fn tokenize_batch(
+    matrix: &CsrChunk<'_>,
+    cells: Range<usize>,
+    col_token: &[u32],
+    medians: &[f32],
+    params: &TokenizeParams,
+    scratch: &mut Scratch,
+) -> Result<BatchOut> {
+    let mut out = BatchOut {
+        lens: Vec::with_capacity(cells.len()),
+        n_expressed: Vec::with_capacity(cells.len()),
+        ..BatchOut::default()
+    };
+    for cell in cells {
+        let (indices, data) = matrix.row(cell)?;
+        normalize_cell(
+            cell,
+            indices,
+            data,
+            col_token,
+            &params.norm,
+            &mut scratch.cell,
+            &mut scratch.normalized,
+        )?;
+        out.n_dropped += u64::from(ratios(&scratch.normalized, medians, &mut scratch.ranked));
+        out.n_expressed.push(scratch.ranked.len() as u32);
+        select_top_k(&mut scratch.ranked, params.top_k);
+        out.lens.push(scratch.ranked.len() as u32);
+        out.genes.extend(scratch.ranked.iter().map(|e| e.token));
+        out.values
+            .extend(scratch.ranked.iter().map(|e| token_value(e.r)));
+    }
+    Ok(out)
+}
+
+/// Tokenises one CSR chunk of a cell × gene count matrix.
+///
+/// * `indptr` (n_cells + 1, any base), `indices` (input column per entry), `data` (counts);
+/// * `col_token[column]`: vocabulary token of each input column, `u32::MAX` = not in vocabulary;
+/// * `medians[token]`: non-zero median of `x` per token (NaN or <= 0 = unknown; the vocabulary
+///   size is `medians.len()`).
+///
+/// Per cell: duplicates summed, library-size scaled (optional), genes without a known median
+/// dropped, ordered by `x / median` descending then token id, truncated to `top_k`, valued
+/// `log2(1 + x / median)`.
+pub fn tokenize_chunk(
+    indptr: &[i64],
+    indices: &[u32],
+    data: &[f32],
+    col_token: &[u32],
+    medians: &[f32],
+    params: &TokenizeParams,
+) -> Result<TokenizedChunk> {
+    if params.top_k == 0 {
+        return Err(Error::InvalidArgument("top_k must be >= 1".into()));
+    }
+    params.norm.validate()?;
+    let matrix = CsrChunk::new(indptr, indices, data)?;
+    let vocab_size = medians.len();
+    check_gene_map(col_token, vocab_size)?;
+
+    let pool = build_pool(params.n_threads)?;
+    let results: Vec<Result<BatchOut>> = pool.install(|| {
+        batches(matrix.n_cells())
+            .map_init(
+                || Scratch {
+                    cell: CellScratch::new(vocab_size),
+                    normalized: Vec::new(),
+                    ranked: Vec::new(),
+                },
+                |scratch, cells| {
+                    tokenize_batch(&matrix, cells, col_token, medians, params, scratch)
+                },
+            )
+            .collect()
+    });
+
+    // The first error in batch order is the first offending cell.
+    let batches = results.into_iter().collect::<Result<Vec<_>>>()?;
+    let n_cells = matrix.n_cells();
+    let n_tokens: usize = batches.iter().map(|b| b.genes.len()).sum();
+    let mut chunk = TokenizedChunk {
+        offsets: Vec::with_capacity(n_cells + 1),
+        genes: Vec::with_capacity(n_tokens),
+        values: Vec::with_capacity(n_tokens),
+        n_expressed: Vec::with_capacity(n_cells),
+        stats: ChunkStats::default(),
+    };
+    let mut offset = 0i64;
+    chunk.offsets.push(offset);
+    for b in batches {
+        for len in b.lens {
+            offset += i64::from(len);
+            chunk.offsets.push(offset);
+        }
+        chunk.genes.extend_from_slice(&b.genes);
+        chunk.values.extend_from_slice(&b.values);
+        chunk.n_expressed.extend_from_slice(&b.n_expressed);
+        chunk.stats.n_dropped_no_median += b.n_dropped;
+    }
+    Ok(chunk)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::normalize::NO_TOKEN;
+
+    /// Tiny deterministic PRNG (splitmix64).
+    pub(crate) struct Rng(u64);
+
+    impl Rng {
+        pub(crate) fn new(seed: u64) -> Self {
+            Self(seed)
+        }
+        pub(crate) fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
+            self.next_u64() % n
+        }
+    }
+
+    /// A random CSR matrix of small integer counts, with sorted column indices per row,
+    /// explicit zeros, empty rows and an `indptr` base of 1000.
+    pub(crate) fn random_csr(
+        rng: &mut Rng,
+        n_cells: usize,
+        n_cols: usize,
+        max_per_row: usize,
+    ) -> (Vec<i64>, Vec<u32>, Vec<f32>) {
+        let base = 1000i64;
+        let mut indptr = vec![base];
+        let mut indices = Vec::new();
+        let mut data = Vec::new();
+        for _ in 0..n_cells {
+            let nnz = rng.below(max_per_row as u64 + 1) as usize;
+            let mut cols: Vec<u32> = (0..nnz).map(|_| rng.below(n_cols as u64) as u32).collect();
+            cols.sort_unstable();
+            cols.dedup();
+            for c in cols {
+                indices.push(c);
+                // Mostly small counts (many ties), some zeros, a few large.
+                let v = match rng.below(10) {
+                    0 => 0.0,
+                    1 => rng.below(500) as f32,
+                    _ => (1 + rng.below(6)) as f32,
+                };
+                data.push(v);
+            }
+            indptr.push(base + indices.len() as i64);
+        }
+        (indptr, indices, data)
+    }
+
+    fn params(top_k: usize, library_size: bool, n_threads: usize) -> TokenizeParams {
+        TokenizeParams {
+            top_k,
+            norm: NormParams {
+                library_size,
+                target_sum: 1e4,
+                allow_non_integer: false,
+            },
+            n_threads,
+        }
+    }
+
+    fn cell(chunk: &TokenizedChunk, i: usize) -> (Vec<u32>, Vec<f32>) {
+        let (a, b) = (chunk.offsets[i] as usize, chunk.offsets[i + 1] as usize);
+        (chunk.genes[a..b].to_vec(), chunk.values[a..b].to_vec())
+    }
+
+    #[test]
+    fn small_example_by_hand() {
+        // 3 cells, 5 columns -> tokens: col0->2, col1->0, col2->2 (duplicate), col3->1, col4->none.
+        let col_token = [2, 0, 2, 1, NO_TOKEN];
+        let medians = [1.0f32, 2.0, 1.0];
+        let indptr = [0i64, 4, 4, 6];
+        let indices = [0u32, 1, 2, 3, 3, 4];
+        let data = [1.0f32, 2.0, 1.0, 4.0, 0.0, 5.0];
+        let out = tokenize_chunk(
+            &indptr,
+            &indices,
+            &data,
+            &col_token,
+            &medians,
+            &params(10, false, 1),
+        )
+        .unwrap();
+        // Cell 0: token2 c=2 r=2; token0 c=2 r=2; token1 c=4 r=2 -> all tie, order by token id.
+        assert_eq!(out.offsets, vec![0, 3, 3, 3]);
+        assert_eq!(cell(&out, 0).0, vec![0, 1, 2]);
+        assert_eq!(cell(&out, 0).1, vec![(3.0f64).log2() as f32; 3]);
+        // Cell 1 empty; cell 2: explicit zero and an unmapped gene only.
+        assert_eq!(out.n_expressed, vec![3, 0, 0]);
+        assert_eq!(out.stats.n_dropped_no_median, 0);
+    }
+
+    #[test]
+    fn library_size_on_and_off() {
+        let col_token = [0, 1, NO_TOKEN];
+        let medians = [1.0f32, 1.0];
+        let indptr = [0i64, 3];
+        let indices = [0u32, 1, 2];
+        let data = [1.0f32, 3.0, 4.0];
+        let on = tokenize_chunk(
+            &indptr,
+            &indices,
+            &data,
+            &col_token,
+            &medians,
+            &params(10, true, 1),
+        )
+        .unwrap();
+        assert_eq!(on.genes, vec![1, 0]);
+        let r1 = (3.0f64 / 8.0) * 1e4;
+        let r0 = (1.0f64 / 8.0) * 1e4;
+        assert_eq!(
+            on.values,
+            vec![(1.0 + r1).log2() as f32, (1.0 + r0).log2() as f32]
+        );
+        let off = tokenize_chunk(
+            &indptr,
+            &indices,
+            &data,
+            &col_token,
+            &medians,
+            &params(10, false, 1),
+        )
+        .unwrap();
+        assert_eq!(off.genes, vec![1, 0]);
+        assert_eq!(off.values, vec![2.0, 1.0]);
+    }
+
+    #[test]
+    fn cell_with_total_zero_and_empty_chunk() {
+        let col_token = [0, 1];
+        let medians = [1.0f32, 1.0];
+        let out = tokenize_chunk(
+            &[5, 7],
+            &[0, 1],
+            &[0.0, 0.0],
+            &col_token,
+            &medians,
+            &params(4, true, 1),
+        )
+        .unwrap();
+        assert_eq!(out.offsets, vec![0, 0]);
+        assert_eq!(out.n_expressed, vec![0]);
+        let out =
+            tokenize_chunk(&[3], &[], &[], &col_token, &medians, &params(4, true, 2)).unwrap();
+        assert_eq!(out.offsets, vec![0]);
+        assert!(out.genes.is_empty() && out.n_expressed.is_empty());
+    }
+
+    #[test]
+    fn top_k_truncation_and_n_expressed() {
+        let col_token: Vec<u32> = (0..6).collect();
+        let medians = [1.0f32; 6];
+        let indptr = [0i64, 6];
+        let indices: Vec<u32> = (0..6).collect();
+        let data = [1.0f32, 6.0, 2.0, 5.0, 3.0, 4.0];
+        let out = tokenize_chunk(
+            &indptr,
+            &indices,
+            &data,
+            &col_token,
+            &medians,
+            &params(3, false, 1),
+        )
+        .unwrap();
+        assert_eq!(out.genes, vec![1, 3, 5]);
+        assert_eq!(out.n_expressed, vec![6]);
+        assert_eq!(out.offsets, vec![0, 3]);
+    }
+
+    #[test]
+    fn unknown_medians_dropped_and_counted() {
+        let col_token = [0, 1, 2, 3];
+        let medians = [1.0f32, f32::NAN, 0.0, 2.0];
+        let indptr = [0i64, 4, 6];
+        let indices = [0u32, 1, 2, 3, 1, 3];
+        let data = [1.0f32, 1.0, 1.0, 1.0, 1.0, 4.0];
+        let out = tokenize_chunk(
+            &indptr,
+            &indices,
+            &data,
+            &col_token,
+            &medians,
+            &params(10, false, 1),
+        )
+        .unwrap();
+        assert_eq!(out.stats.n_dropped_no_median, 3);
+        assert_eq!(out.n_expressed, vec![2, 1]);
+        assert_eq!(cell(&out, 0).0, vec![0, 3]);
+        assert_eq!(cell(&out, 1).0, vec![3]);
+    }
+
+    #[test]
+    fn first_error_in_cell_order_whatever_the_threads() {
+        let mut rng = Rng::new(7);
+        let n_cells = 2000;
+        let (indptr, indices, mut data) = random_csr(&mut rng, n_cells, 50, 20);
+        let col_token: Vec<u32> = (0..50).collect();
+        let medians = vec![1.0f32; 50];
+        // Poison one entry in an early and one in a late batch.
+        let row_of = |pos: usize| indptr.partition_point(|&p| p - 1000 <= pos as i64) - 1;
+        let early = indices.len() / 5;
+        let late = indices.len() * 4 / 5;
+        data[late] = f32::NAN;
+        data[early] = -2.0;
+        for threads in [1, 2, 4] {
+            let e = tokenize_chunk(
+                &indptr,
+                &indices,
+                &data,
+                &col_token,
+                &medians,
+                &params(8, true, threads),
+            )
+            .unwrap_err();
+            assert_eq!(
+                e,
+                Error::NegativeCount {
+                    cell: row_of(early),
+                    column: indices[early],
+                    value: -2.0
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn every_validation_error() {
+        let col_token = [0, 1];
+        let medians = [1.0f32, 1.0];
+        let p = params(4, true, 1);
+        let run = |indptr: &[i64], indices: &[u32], data: &[f32]| {
+            tokenize_chunk(indptr, indices, data, &col_token, &medians, &p).unwrap_err()
+        };
+        assert!(matches!(
+            run(&[0, 1, 2], &[0, 1], &[1.0, -1.0]),
+            Error::NegativeCount {
+                cell: 1,
+                column: 1,
+                ..
+            }
+        ));
+        assert!(matches!(
+            run(&[0, 1, 2], &[0, 1], &[f32::NAN, 1.0]),
+            Error::NonFiniteCount {
+                cell: 0,
+                column: 0,
+                ..
+            }
+        ));
+        assert!(matches!(
+            run(&[0, 1, 2], &[0, 1], &[1.0, f32::INFINITY]),
+            Error::NonFiniteCount {
+                cell: 1,
+                column: 1,
+                ..
+            }
+        ));
+        assert!(matches!(
+            run(&[0, 1, 2], &[0, 1], &[1.0, 2.5]),
+            Error::NonIntegerCount {
+                cell: 1,
+                column: 1,
+                ..
+            }
+        ));
+        assert!(matches!(
+            run(&[0, 1, 2], &[0, 7], &[1.0, 2.0]),
+            Error::ColumnOutOfRange {
+                cell: 1,
+                column: 7,
+                n_columns: 2
+            }
+        ));
+        assert!(matches!(
+            run(&[0, 2, 1], &[0, 1], &[1.0, 2.0]),
+            Error::MalformedIndptr { cell: 1, .. }
+        ));
+        assert!(matches!(
+            run(&[0, 1, 3], &[0, 1], &[1.0, 2.0]),
+            Error::MalformedIndptr {
+                cell: 1,
+                end: 3,
+                nnz: 2,
+                ..
+            }
+        ));
+        assert_eq!(run(&[], &[], &[]), Error::EmptyIndptr);
+        assert!(matches!(
+            run(&[0, 1], &[0], &[]),
+            Error::LengthMismatch { .. }
+        ));
+        // Argument errors.
+        let e = tokenize_chunk(&[0], &[], &[], &[0, 2], &medians, &p).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::TokenOutOfRange {
+                column: 1,
+                token: 2,
+                ..
+            }
+        ));
+        let e =
+            tokenize_chunk(&[0], &[], &[], &col_token, &medians, &params(0, true, 1)).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)));
+        // Non-integer values pass when allowed.
+        let mut ok = p;
+        ok.norm.allow_non_integer = true;
+        assert!(tokenize_chunk(&[0, 1], &[0], &[2.5], &col_token, &medians, &ok).is_ok());
+    }
+
+    #[test]
+    fn thread_count_invariance() {
+        let mut rng = Rng::new(12345);
+        let n_cols = 300;
+        let (indptr, indices, data) = random_csr(&mut rng, 3000, n_cols, 120);
+        // Gene map with duplicates and unmapped columns; vocabulary of 200 tokens.
+        let col_token: Vec<u32> = (0..n_cols)
+            .map(|_| match rng.below(10) {
+                0 => NO_TOKEN,
+                _ => rng.below(200) as u32,
+            })
+            .collect();
+        let medians: Vec<f32> = (0..200)
+            .map(|_| match rng.below(20) {
+                0 => f32::NAN,
+                _ => (1 + rng.below(8)) as f32 / 2.0,
+            })
+            .collect();
+        for library_size in [false, true] {
+            let reference = tokenize_chunk(
+                &indptr,
+                &indices,
+                &data,
+                &col_token,
+                &medians,
+                &params(16, library_size, 1),
+            )
+            .unwrap();
+            assert!(reference.stats.n_dropped_no_median > 0);
+            for threads in [0, 2, 3, 8] {
+                let other = tokenize_chunk(
+                    &indptr,
+                    &indices,
+                    &data,
+                    &col_token,
+                    &medians,
+                    &params(16, library_size, threads),
+                )
+                .unwrap();
+                assert_eq!(reference, other, "threads {threads}");
+                assert_eq!(
+                    reference
+                        .values
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    other.values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matches_naive_full_sort() {
+        let mut rng = Rng::new(99);
+        let n_cols = 80;
+        let (indptr, indices, data) = random_csr(&mut rng, 700, n_cols, 60);
+        let col_token: Vec<u32> = (0..n_cols).map(|c| (c % 50) as u32).collect();
+        let medians: Vec<f32> = (0..50).map(|t| 0.5 + (t % 7) as f32).collect();
+        let p = params(10, true, 2);
+        let out = tokenize_chunk(&indptr, &indices, &data, &col_token, &medians, &p).unwrap();
+        for i in 0..700 {
+            let (a, b) = ((indptr[i] - 1000) as usize, (indptr[i + 1] - 1000) as usize);
+            let total: f64 = data[a..b].iter().map(|&v| f64::from(v)).sum();
+            let mut c = [0.0f64; 50];
+            for k in a..b {
+                c[col_token[indices[k] as usize] as usize] += f64::from(data[k]);
+            }
+            let mut all: Vec<(f64, u32)> = (0..50u32)
+                .filter(|&t| c[t as usize] > 0.0)
+                .map(|t| {
+                    let x = c[t as usize] / total * 1e4;
+                    (x / f64::from(medians[t as usize]), t)
+                })
+                .collect();
+            all.sort_by(|p, q| q.0.partial_cmp(&p.0).unwrap().then(p.1.cmp(&q.1)));
+            assert_eq!(out.n_expressed[i] as usize, all.len());
+            all.truncate(10);
+            let (genes, values) = cell(&out, i);
+            assert_eq!(genes, all.iter().map(|e| e.1).collect::<Vec<_>>());
+            assert_eq!(
+                values,
+                all.iter()
+                    .map(|e| (1.0 + e.0).log2() as f32)
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
+}
