@@ -43,7 +43,7 @@ py-test: setup
 test: setup lint rust-test py-test
 
 bench-tokenize: setup
-	$(PY) bench/tokenize.py
+	$(PY) bench/bench_tokenize.py
 
 clean:
 	rm -rf $(VENV) target $(DEMO) cache

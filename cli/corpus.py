@@ -7,10 +7,19 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .console import JsonOption, OverwriteOption, SpeciesOption, console, existing_paths, print_json, progress_bar
+from .console import (
+    JsonOption,
+    OverwriteOption,
+    SpeciesOption,
+    console,
+    existing_paths,
+    print_json,
+    progress_bar,
+)
 
-corpus_app = typer.Typer(help="Inspect, validate and merge tokenised corpora; compute gene medians.",
-                         no_args_is_help=True)
+corpus_app = typer.Typer(
+    help="Inspect, validate and merge tokenised corpora; compute gene medians.", no_args_is_help=True
+)
 
 
 def _print_info(info: dict) -> None:
@@ -34,7 +43,9 @@ def info(corpus: Path = typer.Argument(..., help="A corpus (.zarr)."), as_json: 
 
 
 @corpus_app.command("validate")
-def validate(corpus: Path = typer.Argument(..., help="A corpus (.zarr)."), as_json: bool = JsonOption) -> None:
+def validate(
+    corpus: Path = typer.Argument(..., help="A corpus (.zarr)."), as_json: bool = JsonOption
+) -> None:
     """Check every invariant of the corpus format (truncated or inconsistent stores fail with the reason).
 
     Example: gc corpus validate pbmc3k.zarr
@@ -92,11 +103,16 @@ def medians(
 
     existing_paths(inputs)
     check_output_path(out, overwrite)
-    options = TokenizeOptions(library_size=not no_library_size, species=species,
-                              allow_non_integer=allow_non_integer)
+    options = TokenizeOptions(
+        library_size=not no_library_size, species=species, allow_non_integer=allow_non_integer
+    )
     with progress_bar("medians") as progress:
-        result = compute_medians(inputs, options=options, progress=progress,
-                                 qc=qc_from if qc_from is not None else (QcParams() if qc else None))
+        result = compute_medians(
+            inputs,
+            options=options,
+            progress=progress,
+            qc=qc_from if qc_from is not None else (QcParams() if qc else None),
+        )
     result.save(out, load_reference())
     console.print(f"wrote {out}: {int((result.n_nonzero > 0).sum()):,} genes, {result.hash}")
 

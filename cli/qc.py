@@ -7,21 +7,38 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .console import JsonOption, OverwriteOption, SpeciesOption, console, existing_paths, print_json, progress_bar
+from .console import (
+    JsonOption,
+    OverwriteOption,
+    SpeciesOption,
+    console,
+    existing_paths,
+    print_json,
+    progress_bar,
+)
 
 
 def qc(
     inputs: list[Path] = typer.Argument(..., help="Count files (h5ad, 10x .h5, 10x MTX dir, AnnData zarr)."),
     out: Path = typer.Option(..., "--out", help="Output directory: qc.json, per-cell tables, qc.png."),
-    mode: str = typer.Option("paper", "--mode", help="paper (defaults below) or original (±3 z-scores, as the "
-                             "original GeneCompass code)."),
+    mode: str = typer.Option(
+        "paper",
+        "--mode",
+        help="paper (defaults below) or original (±3 z-scores, as the original GeneCompass code).",
+    ),
     min_genes: int = typer.Option(200, "--min-genes", help="Minimum expressed genes per cell."),
-    min_coding_genes: int = typer.Option(7, "--min-coding-genes",
-                                         help="Minimum expressed protein-coding or miRNA genes per cell."),
-    max_mito_fraction: float = typer.Option(0.15, "--max-mito-fraction", help="Maximum mitochondrial fraction."),
-    gene_count_sd: float = typer.Option(3.0, "--gene-count-sd",
-                                        help="Drop cells whose expressed-gene count is beyond mean ± k SD."),
-    min_cells_per_file: int = typer.Option(4, "--min-cells-per-file", help="Drop files with fewer passing cells."),
+    min_coding_genes: int = typer.Option(
+        7, "--min-coding-genes", help="Minimum expressed protein-coding or miRNA genes per cell."
+    ),
+    max_mito_fraction: float = typer.Option(
+        0.15, "--max-mito-fraction", help="Maximum mitochondrial fraction."
+    ),
+    gene_count_sd: float = typer.Option(
+        3.0, "--gene-count-sd", help="Drop cells whose expressed-gene count is beyond mean ± k SD."
+    ),
+    min_cells_per_file: int = typer.Option(
+        4, "--min-cells-per-file", help="Drop files with fewer passing cells."
+    ),
     species: str | None = SpeciesOption,
     layer: str | None = typer.Option(None, "--layer", help="Read counts from `raw` or layers/NAME."),
     allow_non_integer: bool = typer.Option(False, "--allow-non-integer", help="Accept non-integer counts."),
@@ -36,12 +53,23 @@ def qc(
     from genecompass.qc import QcParams, run_qc
 
     existing_paths(inputs)
-    params = QcParams(mode=mode, min_genes=min_genes, min_coding_genes=min_coding_genes,
-                      max_mito_fraction=max_mito_fraction, gene_count_sd=gene_count_sd,
-                      min_cells_per_file=min_cells_per_file)
+    params = QcParams(
+        mode=mode,
+        min_genes=min_genes,
+        min_coding_genes=min_coding_genes,
+        max_mito_fraction=max_mito_fraction,
+        gene_count_sd=gene_count_sd,
+        min_cells_per_file=min_cells_per_file,
+    )
     with progress_bar("qc") as progress:
-        report = run_qc(inputs, params=params, species=species, layer=layer,
-                        allow_non_integer=allow_non_integer, progress=progress)
+        report = run_qc(
+            inputs,
+            params=params,
+            species=species,
+            layer=layer,
+            allow_non_integer=allow_non_integer,
+            progress=progress,
+        )
     report.save(out, overwrite=overwrite)
     summary = report.summary()
     if as_json:
@@ -51,7 +79,9 @@ def qc(
     for entry in summary["files"]:
         for name, removed in entry["removed"].items():
             table.add_row(Path(entry["path"]).name, name, str(removed))
-        table.add_row(Path(entry["path"]).name, "[bold]passed", f"[bold]{entry['n_passed']} / {entry['n_cells']}")
+        table.add_row(
+            Path(entry["path"]).name, "[bold]passed", f"[bold]{entry['n_passed']} / {entry['n_cells']}"
+        )
     console.print(table)
     console.print(f"report: {out / 'qc.json'}  plot: {out / 'qc.png'}")
 

@@ -9,8 +9,9 @@ from rich.table import Table
 
 from .console import JsonOption, console, print_json
 
-reference_app = typer.Typer(help="The gene reference bundle: vocabulary, symbols, aliases, orthologs.",
-                            no_args_is_help=True)
+reference_app = typer.Typer(
+    help="The gene reference bundle: vocabulary, symbols, aliases, orthologs.", no_args_is_help=True
+)
 
 
 @reference_app.command("info")
@@ -64,7 +65,9 @@ def lookup(
                 table.add_row(row["query"], "-", "not found", "", "", "")
             else:
                 token = "-" if row["token_id"] is None else str(row["token_id"])
-                table.add_row(row["query"], token, row["gene_id"], row["symbol"], row["species"], row["biotype"])
+                table.add_row(
+                    row["query"], token, row["gene_id"], row["symbol"], row["species"], row["biotype"]
+                )
         console.print(table)
     if not any(row["found"] for row in rows):
         raise typer.Exit(1)

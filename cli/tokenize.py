@@ -21,17 +21,31 @@ from .console import (
 def tokenize(
     inputs: list[Path] = typer.Argument(..., help="Count files (h5ad, 10x .h5, 10x MTX dir, AnnData zarr)."),
     out: Path = typer.Option(..., "--out", help="The corpus to write (a .zarr directory)."),
-    top_k: int = typer.Option(2048, "--top-k", help="Genes kept per cell, highest normalised expression first."),
-    medians: Path | None = typer.Option(None, "--medians", help="Reuse per-gene medians from "
-                                        "`gc corpus medians` (required with --shard); computed when omitted."),
-    no_library_size: bool = typer.Option(False, "--no-library-size", help="Skip the per-cell scaling to 10,000 "
-                                         "counts (the original GeneCompass code's behaviour)."),
-    obs_keys: str | None = typer.Option(None, "--obs-keys", help="Comma-separated obs columns to carry, e.g. "
-                                        "cell_type,condition."),
+    top_k: int = typer.Option(
+        2048, "--top-k", help="Genes kept per cell, highest normalised expression first."
+    ),
+    medians: Path | None = typer.Option(
+        None,
+        "--medians",
+        help="Reuse per-gene medians from "
+        "`gc corpus medians` (required with --shard); computed when omitted.",
+    ),
+    no_library_size: bool = typer.Option(
+        False,
+        "--no-library-size",
+        help="Skip the per-cell scaling to 10,000 counts (the original GeneCompass code's behaviour).",
+    ),
+    obs_keys: str | None = typer.Option(
+        None, "--obs-keys", help="Comma-separated obs columns to carry, e.g. cell_type,condition."
+    ),
     qc: bool = typer.Option(False, "--qc", help="Run `gc qc` with its default filters first."),
     qc_from: Path | None = typer.Option(None, "--qc-from", help="Apply the pass flags of a `gc qc` output."),
-    shard: str | None = typer.Option(None, "--shard", help="i/n: tokenise the i-th of n slices of the cells "
-                                     "(one process per shard; join with `gc corpus merge`)."),
+    shard: str | None = typer.Option(
+        None,
+        "--shard",
+        help="i/n: tokenise the i-th of n slices of the cells "
+        "(one process per shard; join with `gc corpus merge`).",
+    ),
     species: str | None = SpeciesOption,
     layer: str | None = typer.Option(None, "--layer", help="Read counts from `raw` or layers/NAME."),
     allow_non_integer: bool = typer.Option(False, "--allow-non-integer", help="Accept non-integer counts."),
@@ -53,20 +67,34 @@ def tokenize(
     if qc and qc_from is not None:
         raise typer.BadParameter("give --qc or --qc-from, not both")
     options = TokenizeOptions(
-        top_k=top_k, library_size=not no_library_size, chunk_size=chunk_size, threads=threads,
-        allow_non_integer=allow_non_integer, species=species, layer=layer,
+        top_k=top_k,
+        library_size=not no_library_size,
+        chunk_size=chunk_size,
+        threads=threads,
+        allow_non_integer=allow_non_integer,
+        species=species,
+        layer=layer,
         obs_keys=tuple(k.strip() for k in obs_keys.split(",") if k.strip()) if obs_keys else (),
     )
     with progress_bar("tokenize") as progress:
-        summary = run_tokenize(inputs, out, options=options, medians=medians,
-                               qc=qc_from if qc_from is not None else (QcParams() if qc else None),
-                               shard=parse_shard(shard), overwrite=overwrite, progress=progress)
+        summary = run_tokenize(
+            inputs,
+            out,
+            options=options,
+            medians=medians,
+            qc=qc_from if qc_from is not None else (QcParams() if qc else None),
+            shard=parse_shard(shard),
+            overwrite=overwrite,
+            progress=progress,
+        )
     if as_json:
         print_json(summary)
     else:
-        console.print(f"wrote {summary['out']}: {summary['n_cells']:,} cells ({summary['n_cells_read']:,} read), "
-                      f"{summary['n_tokens']:,} tokens in {summary['seconds']:.1f} s "
-                      f"({summary['cells_per_s']:,.0f} cells/s)")
+        console.print(
+            f"wrote {summary['out']}: {summary['n_cells']:,} cells ({summary['n_cells_read']:,} read), "
+            f"{summary['n_tokens']:,} tokens in {summary['seconds']:.1f} s "
+            f"({summary['cells_per_s']:,.0f} cells/s)"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -23,7 +23,10 @@ from .errors import FormatError, OutputExistsError
 FORMAT_NAME = "gc-corpus"
 FORMAT_VERSION = 1
 SPECIES = ("human", "mouse")
-TOKEN_CHUNK = 1 << 20  # 4 MiB of uint32 per chunk: large enough for sequential scans
+# Token arrays: small chunks (256 KiB of uint32) so a random cell decodes little, packed into shards
+# (one file of 4 MiB) so a large corpus is not millions of files. Writes are whole shards.
+TOKEN_CHUNK = 1 << 16
+TOKEN_SHARD = 1 << 20
 CELL_CHUNK = 1 << 16
 ZSTD_LEVEL = 3
 MISSING_CODE = -1  # obs code for a missing label
@@ -119,7 +122,12 @@ class CorpusWriter:
     """
 
     def __init__(
-        self, path: str | Path, *, attrs: dict, obs_keys: Sequence[str] = (), gene_medians: np.ndarray | None = None,
+        self,
+        path: str | Path,
+        *,
+        attrs: dict,
+        obs_keys: Sequence[str] = (),
+        gene_medians: np.ndarray | None = None,
         overwrite: bool = False,
     ):
         self.path = Path(path)
@@ -131,18 +139,26 @@ class CorpusWriter:
         self.obs_keys = list(obs_keys)
         self.root = zarr.open_group(self.tmp, mode="w", zarr_format=3)
         self.appenders = {
-            name: _ChunkedAppender(self._create(name), TOKEN_CHUNK if name.startswith("tokens/") else CELL_CHUNK)
+            name: _ChunkedAppender(
+                self._create(name), TOKEN_SHARD if name.startswith("tokens/") else CELL_CHUNK
+            )
             for name in _DTYPES
         }
         for key in self.obs_keys:
             array = self.root.create_array(
-                f"cells/obs/{key}", shape=(0,), chunks=(CELL_CHUNK,), dtype=np.int32,
-                fill_value=MISSING_CODE, compressors=ZstdCodec(level=ZSTD_LEVEL),
+                f"cells/obs/{key}",
+                shape=(0,),
+                chunks=(CELL_CHUNK,),
+                dtype=np.int32,
+                fill_value=MISSING_CODE,
+                compressors=ZstdCodec(level=ZSTD_LEVEL),
             )
             self.appenders[f"cells/obs/{key}"] = _ChunkedAppender(array, CELL_CHUNK)
         if gene_medians is not None:  # the normaliser travels with the corpus (``gc embed`` reuses it)
             self.root.create_array(
-                "genes/median", data=np.asarray(gene_medians, np.float32), chunks=(len(gene_medians),),
+                "genes/median",
+                data=np.asarray(gene_medians, np.float32),
+                chunks=(len(gene_medians),),
                 compressors=ZstdCodec(level=ZSTD_LEVEL),
             )
         self.categories: dict[str, list[str]] = {key: [] for key in self.obs_keys}
@@ -152,9 +168,14 @@ class CorpusWriter:
         self.appenders["cells/offsets"].add(np.zeros(1, np.int64))
 
     def _create(self, name: str) -> zarr.Array:
-        chunk = TOKEN_CHUNK if name.startswith("tokens/") else CELL_CHUNK
+        tokens = name.startswith("tokens/")
         return self.root.create_array(
-            name, shape=(0,), chunks=(chunk,), dtype=_DTYPES[name], fill_value=_FILL[name],
+            name,
+            shape=(0,),
+            chunks=(TOKEN_CHUNK if tokens else CELL_CHUNK,),
+            shards=(TOKEN_SHARD,) if tokens else None,
+            dtype=_DTYPES[name],
+            fill_value=_FILL[name],
             compressors=ZstdCodec(level=ZSTD_LEVEL),
         )
 
@@ -174,8 +195,15 @@ class CorpusWriter:
         return codes
 
     def append(
-        self, *, lengths: np.ndarray, genes: np.ndarray, values: np.ndarray, species: np.ndarray,
-        source: np.ndarray, n_expressed: np.ndarray, obs_codes: dict[str, np.ndarray] | None = None,
+        self,
+        *,
+        lengths: np.ndarray,
+        genes: np.ndarray,
+        values: np.ndarray,
+        species: np.ndarray,
+        source: np.ndarray,
+        n_expressed: np.ndarray,
+        obs_codes: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Append a block of cells. ``lengths`` are tokens per cell; ``obs_codes`` from ``encode_labels``."""
         lengths = np.asarray(lengths, np.int64)
@@ -299,7 +327,9 @@ class Corpus:
 
     def obs(self, key: str) -> tuple[np.ndarray, list[str]]:
         if key not in self.obs_keys:
-            raise FormatError(f"{self.path}: no obs key {key!r}; available: {', '.join(self.obs_keys) or 'none'}")
+            raise FormatError(
+                f"{self.path}: no obs key {key!r}; available: {', '.join(self.obs_keys) or 'none'}"
+            )
         array = self.root[f"cells/obs/{key}"]
         return np.asarray(array[:], np.int32), list(array.attrs["categories"])
 
@@ -332,13 +362,16 @@ class Corpus:
 
 
 def _missing_chunk_files(array: zarr.Array, array_dir: Path) -> list[str]:
-    """Chunks a complete store must hold on disk (all of ours are non-empty, see ``_FILL``)."""
-    n_chunks = -(-array.shape[0] // array.chunks[0])
+    """Chunk (or shard) files a complete store must hold (all of ours are non-empty, see ``_FILL``)."""
+    n_chunks = -(-array.shape[0] // (array.shards or array.chunks)[0])
     return [f"c/{i}" for i in range(n_chunks) if not (array_dir / "c" / str(i)).is_file()]
 
 
 def validate_corpus(
-    path: str | Path, *, vocab_size: int | None = None, n_special: int = 4,
+    path: str | Path,
+    *,
+    vocab_size: int | None = None,
+    n_special: int = 4,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Check every invariant of the format; raise ``FormatError`` naming the store and the first problem.
@@ -376,7 +409,7 @@ def validate_corpus(
         codes, categories = corpus.obs(key)
         if np.any((codes < MISSING_CODE) | (codes >= len(categories))):
             raise fail(f"cells/obs/{key} holds codes outside its {len(categories)} categories")
-    step = TOKEN_CHUNK
+    step = TOKEN_SHARD
     for lo in range(0, n_tokens, step):
         hi = min(lo + step, n_tokens)
         try:
@@ -393,7 +426,10 @@ def validate_corpus(
 
 
 def merge_corpora(
-    parts: Sequence[str | Path], out: str | Path, *, overwrite: bool = False,
+    parts: Sequence[str | Path],
+    out: str | Path,
+    *,
+    overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Concatenate corpora written with the same reference, medians, normalisation and top-k (e.g. the
@@ -415,8 +451,9 @@ def merge_corpora(
         raise FormatError("too many inputs to merge into one corpus (max 65535)")
     total = sum(c.n_cells for c in corpora)
     done = 0
-    with CorpusWriter(out, attrs=attrs, obs_keys=first.obs_keys, gene_medians=first.gene_medians(),
-                      overwrite=overwrite) as writer:
+    with CorpusWriter(
+        out, attrs=attrs, obs_keys=first.obs_keys, gene_medians=first.gene_medians(), overwrite=overwrite
+    ) as writer:
         source_offset = 0
         for corpus in corpora:
             sources = np.asarray(corpus.root["cells/source"][:], np.int64) + source_offset
@@ -425,8 +462,12 @@ def merge_corpora(
             for start, stop in corpus.iter_blocks():
                 rel, genes, values = corpus.read_cells(start, stop)
                 writer.append(
-                    lengths=np.diff(rel), genes=genes, values=values, species=corpus.species[start:stop],
-                    source=sources[start:stop].astype(np.uint16), n_expressed=n_expressed[start:stop],
+                    lengths=np.diff(rel),
+                    genes=genes,
+                    values=values,
+                    species=corpus.species[start:stop],
+                    source=sources[start:stop].astype(np.uint16),
+                    n_expressed=n_expressed[start:stop],
                     obs_codes={k: writer.encode_labels(k, v[start:stop]) for k, v in labels.items()},
                 )
                 done += stop - start
@@ -434,4 +475,3 @@ def merge_corpora(
                     progress(done, total)
             source_offset += len(corpus.attrs["inputs"])
     return Path(out)
-

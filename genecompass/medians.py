@@ -39,11 +39,13 @@ class Medians:
         digest.update(f"{self.reference_hash}|{self.library_size}|{self.target_sum!r}".encode())
         return "med-" + digest.hexdigest()[:16]
 
-    def check_compatible(self, *, reference_hash: str, library_size: bool, target_sum: float, source="") -> None:
+    def check_compatible(
+        self, *, reference_hash: str, library_size: bool, target_sum: float, source=""
+    ) -> None:
         if self.reference_hash != reference_hash:
             raise ReferenceMismatchError(
-                f"{source or 'medians'}: computed for gene reference {self.reference_hash}, but this run uses "
-                f"{reference_hash}; recompute them with `gc corpus medians`"
+                f"{source or 'medians'}: computed for gene reference {self.reference_hash}, but this run "
+                f"uses {reference_hash}; recompute them with `gc corpus medians`"
             )
         if self.library_size != library_size or self.target_sum != target_sum:
             raise FormatError(
@@ -58,14 +60,19 @@ class Medians:
         tokens = np.flatnonzero(np.isfinite(self.values))
         vocab = reference.vocab().loc[tokens]
         human, mouse = reference.genes("human")["symbol"], reference.genes("mouse")["symbol"]
-        table = pd.DataFrame({
-            "token_id": tokens,
-            "gene_id": vocab["human_gene_id"].fillna(vocab["mouse_gene_id"]).fillna("").to_numpy(),
-            "symbol": vocab["human_gene_id"].map(human).fillna(vocab["mouse_gene_id"].map(mouse)).fillna("")
-            .to_numpy(),
-            "median": [repr(float(v)) for v in self.values[tokens]],
-            "n_cells": self.n_nonzero[tokens],
-        })
+        table = pd.DataFrame(
+            {
+                "token_id": tokens,
+                "gene_id": vocab["human_gene_id"].fillna(vocab["mouse_gene_id"]).fillna("").to_numpy(),
+                "symbol": vocab["human_gene_id"]
+                .map(human)
+                .fillna(vocab["mouse_gene_id"].map(mouse))
+                .fillna("")
+                .to_numpy(),
+                "median": [repr(float(v)) for v in self.values[tokens]],
+                "n_cells": self.n_nonzero[tokens],
+            }
+        )
         header = (
             f"# format={FORMAT_NAME}\n# format_version={FORMAT_VERSION}\n"
             f"# reference_hash={self.reference_hash}\n# vocab_size={len(self.values)}\n"
@@ -99,7 +106,9 @@ class Medians:
             )
         try:
             vocab_size = int(meta["vocab_size"])
-            table = pd.read_csv(io.StringIO(text), sep="\t", comment="#", dtype={"gene_id": str, "symbol": str})
+            table = pd.read_csv(
+                io.StringIO(text), sep="\t", comment="#", dtype={"gene_id": str, "symbol": str}
+            )
             tokens = table["token_id"].to_numpy(np.int64)
             medians = table["median"].to_numpy(np.float64)
         except (KeyError, ValueError, pd.errors.ParserError) as exc:
@@ -112,5 +121,10 @@ class Medians:
         values[tokens] = medians
         n_nonzero = np.zeros(vocab_size, np.uint64)
         n_nonzero[tokens] = table["n_cells"].to_numpy(np.uint64)
-        return cls(values, n_nonzero, meta["reference_hash"], meta["library_size"] == "true",
-                   float(meta["target_sum"]))
+        return cls(
+            values,
+            n_nonzero,
+            meta["reference_hash"],
+            meta["library_size"] == "true",
+            float(meta["target_sum"]),
+        )

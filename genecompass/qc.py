@@ -44,7 +44,9 @@ class QcParams:
 class FileQc:
     path: str
     n_cells: int
-    metrics: pd.DataFrame  # per cell: total_counts, n_genes, n_coding_genes, mito_fraction, passed, failed_filter
+    metrics: (
+        pd.DataFrame
+    )  # per cell: total_counts, n_genes, n_coding_genes, mito_fraction, passed, failed_filter
     removed: dict[str, int] = field(default_factory=dict)  # filter -> cells it removed (applied in order)
 
     @property
@@ -52,9 +54,16 @@ class FileQc:
         return self.metrics["passed"].to_numpy(bool)
 
 
-def cell_metrics(source, gene_map, *, chunk_size: int = 4096, allow_non_integer: bool = False,
-                 progress: Callable[[int, int], None] | None = None, done_before: int = 0,
-                 total: int = 0) -> pd.DataFrame:
+def cell_metrics(
+    source,
+    gene_map,
+    *,
+    chunk_size: int = 4096,
+    allow_non_integer: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    done_before: int = 0,
+    total: int = 0,
+) -> pd.DataFrame:
     """Per-cell QC metrics from a streaming pass over ``source`` (a ``genecompass.io.CountSource``)."""
     from .io import validate_counts
 
@@ -69,17 +78,27 @@ def cell_metrics(source, gene_map, *, chunk_size: int = 4096, allow_non_integer:
         data = chunk.data.astype(np.float64)
         total_counts = np.bincount(rows, weights=data, minlength=n)
         mito_counts = np.bincount(rows, weights=data * is_mito[chunk.indices], minlength=n)
-        parts.append(pd.DataFrame({
-            "total_counts": total_counts,
-            "n_genes": np.bincount(rows, weights=expressed, minlength=n).astype(np.int64),
-            "n_coding_genes": np.bincount(
-                rows, weights=expressed & is_coding[chunk.indices], minlength=n).astype(np.int64),
-            "mito_fraction": np.divide(mito_counts, total_counts, out=np.zeros(n), where=total_counts > 0),
-        }))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "total_counts": total_counts,
+                    "n_genes": np.bincount(rows, weights=expressed, minlength=n).astype(np.int64),
+                    "n_coding_genes": np.bincount(
+                        rows, weights=expressed & is_coding[chunk.indices], minlength=n
+                    ).astype(np.int64),
+                    "mito_fraction": np.divide(
+                        mito_counts, total_counts, out=np.zeros(n), where=total_counts > 0
+                    ),
+                }
+            )
+        )
         if progress:
             progress(done_before + chunk.stop, total)
-    metrics = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
-        columns=["total_counts", "n_genes", "n_coding_genes", "mito_fraction"])
+    metrics = (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else pd.DataFrame(columns=["total_counts", "n_genes", "n_coding_genes", "mito_fraction"])
+    )
     metrics.index = pd.Index(source.obs_names(), name="cell")
     return metrics
 
@@ -90,18 +109,26 @@ def _zscore(values: np.ndarray) -> np.ndarray:
 
 
 def apply_filters(metrics: pd.DataFrame, params: QcParams) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Apply the filters in order. Returns (passed mask, name of the first failed filter, removed per filter)."""
+    """Apply the filters in order: (passed mask, first failed filter per cell, cells removed per filter)."""
     n_genes = metrics["n_genes"].to_numpy(float)
     if params.mode == "paper":
         mean, sd = n_genes.mean() if len(n_genes) else 0.0, n_genes.std() if len(n_genes) else 0.0
         filters = [
             (f"n_genes < {params.min_genes}", n_genes < params.min_genes),
-            (f"n_coding_genes < {params.min_coding_genes}",
-             metrics["n_coding_genes"].to_numpy() < params.min_coding_genes),
-            (f"mito_fraction > {params.max_mito_fraction}",
-             metrics["mito_fraction"].to_numpy() > params.max_mito_fraction),
-            (f"n_genes beyond mean ± {params.gene_count_sd} SD",
-             np.abs(n_genes - mean) > params.gene_count_sd * sd if sd > 0 else np.zeros(len(n_genes), bool)),
+            (
+                f"n_coding_genes < {params.min_coding_genes}",
+                metrics["n_coding_genes"].to_numpy() < params.min_coding_genes,
+            ),
+            (
+                f"mito_fraction > {params.max_mito_fraction}",
+                metrics["mito_fraction"].to_numpy() > params.max_mito_fraction,
+            ),
+            (
+                f"n_genes beyond mean ± {params.gene_count_sd} SD",
+                np.abs(n_genes - mean) > params.gene_count_sd * sd
+                if sd > 0
+                else np.zeros(len(n_genes), bool),
+            ),
         ]
     else:
         total = metrics["total_counts"].to_numpy(float)
@@ -146,8 +173,13 @@ class QcReport:
             "params": asdict(self.params),
             "reference_hash": self.reference_hash,
             "files": [
-                {"path": f.path, "table": f"cells-{i:04d}.parquet", "n_cells": f.n_cells,
-                 "n_passed": int(f.passed.sum()), "removed": f.removed}
+                {
+                    "path": f.path,
+                    "table": f"cells-{i:04d}.parquet",
+                    "n_cells": f.n_cells,
+                    "n_passed": int(f.passed.sum()),
+                    "removed": f.removed,
+                }
                 for i, f in enumerate(self.files)
             ],
             "n_cells": sum(f.n_cells for f in self.files),
@@ -171,8 +203,14 @@ class QcReport:
 
 
 def run_qc(
-    inputs: Sequence[str | Path], *, params: QcParams = QcParams(), species: str | None = None,
-    layer: str | None = None, allow_non_integer: bool = False, reference=None, chunk_size: int = 4096,
+    inputs: Sequence[str | Path],
+    *,
+    params: QcParams = QcParams(),
+    species: str | None = None,
+    layer: str | None = None,
+    allow_non_integer: bool = False,
+    reference=None,
+    chunk_size: int = 4096,
     progress: Callable[[int, int], None] | None = None,
 ) -> QcReport:
     """Compute QC metrics for every input and apply the filters (nothing is copied)."""
@@ -186,8 +224,15 @@ def run_qc(
     for path, source in zip(inputs, sources):
         with source:
             gene_map = source.gene_map(reference, species)
-            metrics = cell_metrics(source, gene_map, chunk_size=chunk_size, allow_non_integer=allow_non_integer,
-                                   progress=progress, done_before=done, total=total)
+            metrics = cell_metrics(
+                source,
+                gene_map,
+                chunk_size=chunk_size,
+                allow_non_integer=allow_non_integer,
+                progress=progress,
+                done_before=done,
+                total=total,
+            )
         passed, failed, removed = apply_filters(metrics, params)
         metrics["passed"] = passed
         metrics["failed_filter"] = failed.astype(str)
@@ -196,7 +241,9 @@ def run_qc(
     return QcReport(params, reference.hash, files)
 
 
-def load_qc_masks(qc_dir: str | Path, inputs: Sequence[str | Path], n_cells: Sequence[int]) -> list[np.ndarray]:
+def load_qc_masks(
+    qc_dir: str | Path, inputs: Sequence[str | Path], n_cells: Sequence[int]
+) -> list[np.ndarray]:
     """Pass flags per input from a ``gc qc`` output, checked against the inputs being tokenised."""
     qc_dir = Path(qc_dir)
     try:
@@ -223,15 +270,22 @@ def plot_qc(report: QcReport, path: Path) -> None:
 
     metrics = pd.concat([f.metrics for f in report.files], ignore_index=True)
     p = report.params
-    panels = [("n_genes", p.min_genes if p.mode == "paper" else None),
-              ("n_coding_genes", p.min_coding_genes if p.mode == "paper" else 7),
-              ("total_counts", None),
-              ("mito_fraction", p.max_mito_fraction if p.mode == "paper" else None)]
+    panels = [
+        ("n_genes", p.min_genes if p.mode == "paper" else None),
+        ("n_coding_genes", p.min_coding_genes if p.mode == "paper" else 7),
+        ("total_counts", None),
+        ("mito_fraction", p.max_mito_fraction if p.mode == "paper" else None),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (column, threshold) in zip(axes, panels):
         values = metrics[column].to_numpy(float)
-        ax.hist([values[metrics["passed"]], values[~metrics["passed"]]], bins=60, stacked=True,
-                label=["passed", "removed"], color=["#4c72b0", "#dd8452"])
+        ax.hist(
+            [values[metrics["passed"]], values[~metrics["passed"]]],
+            bins=60,
+            stacked=True,
+            label=["passed", "removed"],
+            color=["#4c72b0", "#dd8452"],
+        )
         if threshold is not None:
             ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
         ax.set_xlabel(column)

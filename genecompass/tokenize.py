@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .corpus import Corpus, CorpusWriter, check_output_path, merge_corpora, remove_path
-from .errors import FormatError, InputError
+from .errors import FormatError, GcError, InputError
 from .medians import Medians
 
 NO_TOKEN = np.iinfo(np.uint32).max
@@ -79,8 +81,12 @@ class _Input:
     def entry(self) -> dict:
         """How the corpus records this input (also the identity a resumed run checks)."""
         return {
-            "path": str(self.path), "size": _size_of(self.path), "format": self.source.format,
-            "species": self.gene_map.species, "n_cells_file": self.source.n_cells, "cells": [self.start, self.stop],
+            "path": str(self.path),
+            "size": _size_of(self.path),
+            "format": self.source.format,
+            "species": self.gene_map.species,
+            "n_cells_file": self.source.n_cells,
+            "cells": [self.start, self.stop],
         }
 
 
@@ -104,22 +110,28 @@ def _open_inputs(inputs, options, reference, shard, qc) -> list[_Input]:
     elif isinstance(qc, QcParams):
         masks = []
         for source in sources:
-            metrics = cell_metrics(source, source.gene_map(reference, options.species),
-                                   chunk_size=options.chunk_size, allow_non_integer=options.allow_non_integer)
+            metrics = cell_metrics(
+                source,
+                source.gene_map(reference, options.species),
+                chunk_size=options.chunk_size,
+                allow_non_integer=options.allow_non_integer,
+            )
             masks.append(apply_filters(metrics, qc)[0])
     else:
         masks = [None] * len(sources)
     total = sum(n_cells)
-    lo, hi = (0, total) if shard is None else (total * shard[0] // shard[1], total * (shard[0] + 1) // shard[1])
+    lo, hi = (
+        (0, total) if shard is None else (total * shard[0] // shard[1], total * (shard[0] + 1) // shard[1])
+    )
     opened, offset = [], 0
     for index, (path, source, mask) in enumerate(zip(paths, sources, masks)):
         gene_map = source.gene_map(reference, options.species)
         fraction = gene_map.n_in_vocab / max(source.n_genes, 1)
         if fraction < options.min_vocab_fraction:
             raise InputError(
-                f"{path}: only {gene_map.n_in_vocab} of {source.n_genes} genes ({fraction:.1%}) are in the gene "
-                f"vocabulary (need {options.min_vocab_fraction:.0%}); check --species and that var holds "
-                f"gene symbols or Ensembl IDs"
+                f"{path}: only {gene_map.n_in_vocab} of {source.n_genes} genes ({fraction:.1%}) are in the "
+                f"gene vocabulary (need {options.min_vocab_fraction:.0%}); check --species and that var "
+                f"holds gene symbols or Ensembl IDs"
             )
         start, stop = max(lo - offset, 0), min(hi - offset, source.n_cells)
         if start < stop:
@@ -138,7 +150,11 @@ def _read_obs(item: _Input, keys: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 def compute_medians(
-    inputs: Sequence[str | Path], *, options: TokenizeOptions = TokenizeOptions(), qc=None, reference=None,
+    inputs: Sequence[str | Path],
+    *,
+    options: TokenizeOptions = TokenizeOptions(),
+    qc=None,
+    reference=None,
     progress: Progress | None = None,
 ) -> Medians:
     """Per-gene non-zero medians of normalised expression over all (QC-passing) cells of ``inputs``."""
@@ -163,13 +179,27 @@ def _medians_of(items: list[_Input], options, reference, progress) -> Medians:
             indptr, indices, data = chunk.indptr, chunk.indices, chunk.data
             if item.passed is not None:
                 indptr, indices, data = _select_rows(chunk, item.passed[chunk.start : chunk.stop])
-            _call_rust(item.path, chunk, accumulator.add_chunk, indptr, indices, data, item.gene_map.col_token,
-                       options.allow_non_integer, options.threads)
+            _call_rust(
+                item.path,
+                chunk,
+                accumulator.add_chunk,
+                indptr,
+                indices,
+                data,
+                item.gene_map.col_token,
+                options.allow_non_integer,
+                options.threads,
+            )
             done += chunk.stop - chunk.start
             if progress:
                 progress(done, total)
-    return Medians(np.asarray(accumulator.medians(), np.float32), np.asarray(accumulator.n_nonzero()),
-                   reference.hash, options.library_size, options.target_sum)
+    return Medians(
+        np.asarray(accumulator.medians(), np.float32),
+        np.asarray(accumulator.n_nonzero()),
+        reference.hash,
+        options.library_size,
+        options.target_sum,
+    )
 
 
 def _select_rows(chunk, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -192,38 +222,75 @@ def _call_rust(path: Path, chunk, function, *args):
         ) from None
 
 
-def _tokenize_part(item: _Input, part: Path, attrs: dict, medians: Medians, options,
-                   on_cells: Callable[[int], None]) -> None:
+def _tokenize_part(
+    item: _Input, part: Path, attrs: dict, medians: Medians, options, on_cells: Callable[[int], None]
+) -> None:
     """Tokenise one input's slice into its own store; ``on_cells(n)`` is told of every chunk read."""
     from . import _rust
 
     obs = _read_obs(item, options.obs_keys)
     species_code = 0 if item.gene_map.species == "human" else 1
     written = 0
-    with CorpusWriter(part, attrs=attrs, obs_keys=options.obs_keys, gene_medians=medians.values,
-                      overwrite=True) as writer:
+    # Writing (Zstd compression) runs in one background thread, overlapping the next chunk's read and
+    # tokenisation; at most two chunks wait, so memory stays bounded. One writer thread keeps the order.
+    with (
+        CorpusWriter(
+            part, attrs=attrs, obs_keys=options.obs_keys, gene_medians=medians.values, overwrite=True
+        ) as writer,
+        ThreadPoolExecutor(max_workers=1) as background,
+    ):
+        pending: deque = deque()
         for chunk in item.source.iter_chunks(options.chunk_size, item.start, item.stop):
             offsets, genes, values, n_expressed, _ = _call_rust(
-                item.path, chunk, _rust.tokenize_chunk, chunk.indptr, chunk.indices, chunk.data,
-                item.gene_map.col_token, medians.values, options.top_k, options.library_size,
-                options.target_sum, options.allow_non_integer, options.threads,
+                item.path,
+                chunk,
+                _rust.tokenize_chunk,
+                chunk.indptr,
+                chunk.indices,
+                chunk.data,
+                item.gene_map.col_token,
+                medians.values,
+                options.top_k,
+                options.library_size,
+                options.target_sum,
+                options.allow_non_integer,
+                options.threads,
             )
             lengths = np.diff(offsets)
             rows = slice(chunk.start - item.start, chunk.stop - item.start)
-            keep = np.ones(len(lengths), bool) if item.passed is None else item.passed[chunk.start : chunk.stop]
+            keep = (
+                np.ones(len(lengths), bool) if item.passed is None else item.passed[chunk.start : chunk.stop]
+            )
             keep = keep & (lengths > 0)  # a cell with no vocabulary gene carries no information
             if not keep.all():
                 token_keep = np.repeat(keep, lengths)
-                lengths, genes, values, n_expressed = lengths[keep], genes[token_keep], values[token_keep], \
-                    n_expressed[keep]
+                lengths, genes, values, n_expressed = (
+                    lengths[keep],
+                    genes[token_keep],
+                    values[token_keep],
+                    n_expressed[keep],
+                )
             n = int(keep.sum())
-            writer.append(
-                lengths=lengths, genes=genes, values=values, species=np.full(n, species_code, np.uint8),
-                source=np.zeros(n, np.uint16), n_expressed=n_expressed,
-                obs_codes={key: writer.encode_labels(key, labels[rows][keep]) for key, labels in obs.items()},
+            pending.append(
+                background.submit(
+                    writer.append,
+                    lengths=lengths,
+                    genes=genes,
+                    values=values,
+                    species=np.full(n, species_code, np.uint8),
+                    source=np.zeros(n, np.uint16),
+                    n_expressed=n_expressed,
+                    obs_codes={
+                        key: writer.encode_labels(key, labels[rows][keep]) for key, labels in obs.items()
+                    },
+                )
             )
+            while len(pending) > 2:
+                pending.popleft().result()
             written += n
             on_cells(chunk.stop - chunk.start)
+        while pending:
+            pending.popleft().result()
         writer.attrs["inputs"][0]["n_cells"] = written
 
 
@@ -245,9 +312,16 @@ def _part_is_complete(part: Path, attrs: dict) -> bool:
 
 
 def tokenize(
-    inputs: Sequence[str | Path], out: str | Path, *, options: TokenizeOptions = TokenizeOptions(),
-    medians: Medians | str | Path | None = None, qc=None, shard: tuple[int, int] | None = None,
-    overwrite: bool = False, reference=None, progress: Progress | None = None,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    options: TokenizeOptions = TokenizeOptions(),
+    medians: Medians | str | Path | None = None,
+    qc=None,
+    shard: tuple[int, int] | None = None,
+    overwrite: bool = False,
+    reference=None,
+    progress: Progress | None = None,
 ) -> dict:
     """Tokenise count files into a corpus at ``out``.
 
@@ -262,8 +336,10 @@ def tokenize(
     check_output_path(out, overwrite)
     reference = reference or load_reference()
     if shard is not None and medians is None:
-        raise InputError("--shard needs --medians: compute them once with `gc corpus medians` so every shard "
-                         "normalises the same way")
+        raise InputError(
+            "--shard needs --medians: compute them once with `gc corpus medians` so every shard "
+            "normalises the same way"
+        )
     if options.obs_keys:
         options = replace(options, obs_keys=tuple(dict.fromkeys(options.obs_keys)))
     started = time.perf_counter()
@@ -274,14 +350,22 @@ def tokenize(
         for item in items:
             missing = [k for k in options.obs_keys if k not in item.source.obs_columns()]
             if missing:
-                raise InputError(f"{item.path}: no obs column(s) {', '.join(missing)}; available: "
-                                 f"{', '.join(item.source.obs_columns()) or 'none'}")
+                raise InputError(
+                    f"{item.path}: no obs column(s) {', '.join(missing)}; available: "
+                    f"{', '.join(item.source.obs_columns()) or 'none'}"
+                )
             if item.passed is not None and not item.passed.any():
-                raise InputError(f"{item.path}: every one of its {item.source.n_cells} cells fails QC; see the "
-                                 f"`gc qc` report, or loosen the thresholds")
+                raise InputError(
+                    f"{item.path}: every one of its {item.source.n_cells} cells fails QC; see the "
+                    f"`gc qc` report, or loosen the thresholds"
+                )
         medians = _resolve_medians(medians, items, options, reference, work, progress)
-        attrs = {"reference_hash": reference.hash, "medians_hash": medians.hash,
-                 "normalisation": options.normalisation(), "top_k": options.top_k}
+        attrs = {
+            "reference_hash": reference.hash,
+            "medians_hash": medians.hash,
+            "normalisation": options.normalisation(),
+            "top_k": options.top_k,
+        }
         parts = []
         total = sum(item.stop - item.start for item in items)
         done = 0
@@ -302,21 +386,33 @@ def tokenize(
             parts.append(part)
         n_written = sum(Corpus(p).n_cells for p in parts)
         if n_written == 0:
-            raise InputError(f"no cell of {', '.join(map(str, inputs))} has a gene in the vocabulary after QC")
+            raise InputError(
+                f"no cell of {', '.join(map(str, inputs))} has a gene in the vocabulary after QC"
+            )
         if len(parts) == 1:
             remove_path(out)
             os.replace(parts[0], out)
         else:
             merge_corpora(parts, out, overwrite=True)
         remove_path(work)
+    except GcError:
+        remove_path(work)  # bad input: nothing to resume, leave nothing behind
+        raise
     finally:
         for item in items:
             item.source.close()
     corpus = Corpus(out)
     seconds = time.perf_counter() - started
-    return {"out": str(out), "n_cells_read": total, "n_cells": corpus.n_cells, "n_tokens": corpus.n_tokens,
-            "seconds": seconds, "cells_per_s": total / seconds if seconds > 0 else None,
-            "medians_hash": medians.hash, "options": asdict(options)}
+    return {
+        "out": str(out),
+        "n_cells_read": total,
+        "n_cells": corpus.n_cells,
+        "n_tokens": corpus.n_tokens,
+        "seconds": seconds,
+        "cells_per_s": total / seconds if seconds > 0 else None,
+        "medians_hash": medians.hash,
+        "options": asdict(options),
+    }
 
 
 def _resolve_medians(medians, items, options, reference, work: Path, progress) -> Medians:
@@ -335,8 +431,14 @@ def _resolve_medians(medians, items, options, reference, work: Path, progress) -
             medians = _medians_of(items, options, reference, progress)
             medians.save(cache, reference)
             key_file.write_text(key)
-    medians.check_compatible(reference_hash=reference.hash, library_size=options.library_size,
-                             target_sum=options.target_sum, source=source)
+    medians.check_compatible(
+        reference_hash=reference.hash,
+        library_size=options.library_size,
+        target_sum=options.target_sum,
+        source=source,
+    )
     if len(medians.values) != reference.vocab_size:
-        raise FormatError(f"{source}: holds {len(medians.values)} tokens, the vocabulary has {reference.vocab_size}")
+        raise FormatError(
+            f"{source}: holds {len(medians.values)} tokens, the vocabulary has {reference.vocab_size}"
+        )
     return medians

@@ -1,0 +1,240 @@
+"""Tokeniser benchmark, run by hand (`make bench-tokenize`); results go to bench/RESULTS.md.
+
+In one run, on PBMC3k and on Kang 2018 concatenated to >= 100,000 cells (uncompressed CSR h5ad, built once
+into the cache), each measurement in its own subprocess so peak RSS is its own:
+  - read only: stream the matrix through gc's reader (and raw h5py, the floor);
+  - gc tokenize (Rust core), medians pass included;
+  - the original GeneCompass approach: a per-cell Python loop on dense rows with a full argsort
+    (measured on a prefix of cells, reported as cells/s);
+  - peak RSS of gc tokenize at 1x and 10x input;
+  - shuffled random access: the corpus training reader vs AnnData backed row access on the same cells.
+
+Usage: python bench/tokenize.py [--cache DIR] [--copies 8] [--python-cells 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def concatenated(source: Path, copies: int, out: Path) -> Path:
+    """``copies`` × the cells of ``source`` as one uncompressed CSR h5ad, like a large corpus file."""
+    if out.exists():
+        return out
+    import anndata as ad
+    import scipy.sparse as sp
+
+    adata = ad.read_h5ad(source)
+    X = sp.csr_matrix(adata.X, dtype=np.float32)
+    big = ad.AnnData(X=sp.vstack([X] * copies, format="csr"), var=adata.var)
+    big.obs_names = [f"{name}-{i}" for i in range(copies) for name in adata.obs_names]
+    tmp = out.with_name(out.name + ".partial")
+    big.write_h5ad(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+# ---------------------------------------------------------------- single measurements (run in a subprocess)
+
+
+def measure_read(path: str) -> dict:
+    from genecompass.io import open_counts
+
+    start = time.perf_counter()
+    n = 0
+    with open_counts(path) as source:
+        for chunk in source.iter_chunks(8192):
+            n += chunk.stop - chunk.start
+    return {"cells": n, "seconds": time.perf_counter() - start}
+
+
+def measure_h5py_floor(path: str) -> dict:
+    import h5py
+
+    start = time.perf_counter()
+    with h5py.File(path, "r") as f:
+        X = f["X"]
+        indptr = X["indptr"][:]
+        step = 8192
+        for lo in range(0, len(indptr) - 1, step):
+            hi = min(lo + step, len(indptr) - 1)
+            X["indices"][indptr[lo] : indptr[hi]]
+            X["data"][indptr[lo] : indptr[hi]]
+    return {"cells": len(indptr) - 1, "seconds": time.perf_counter() - start}
+
+
+def measure_rust(path: str, medians_file: str | None = None) -> dict:
+    """gc tokenize end to end (opening, reading, Rust, Zarr writing); with ``medians_file`` the medians pass
+    is skipped, as in a sharded run."""
+    from genecompass.tokenize import tokenize
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("GC_BENCH_TMP")) as tmp:
+        summary = tokenize([path], Path(tmp) / "c.zarr", medians=medians_file)
+    return {"cells": summary["n_cells_read"], "seconds": summary["seconds"], "tokens": summary["n_tokens"]}
+
+
+def measure_medians(path: str, out: str) -> dict:
+    from genecompass.reference import load_reference
+    from genecompass.tokenize import compute_medians
+
+    start = time.perf_counter()
+    medians = compute_medians([path])
+    seconds = time.perf_counter() - start
+    medians.save(out, load_reference())
+    return {"cells": None, "seconds": seconds}
+
+
+def measure_python_loop(path: str, n_cells: int, medians_file: str) -> dict:
+    """The original preprocess.py approach: dense cell rows over all genes, median division, log2(1+x), a full
+    argsort per cell, and a token-dictionary lookup per kept gene."""
+    import anndata as ad
+
+    from genecompass.io import open_counts
+    from genecompass.medians import Medians
+    from genecompass.reference import load_reference
+
+    medians = Medians.load(medians_file).values
+    with open_counts(path) as source:
+        gene_map = source.gene_map(load_reference())
+    in_vocab = gene_map.col_token != np.iinfo(np.uint32).max
+    gene_ids = [g if ok else None for g, ok in zip(gene_map.gene_ids, in_vocab)]
+    token_dict = {g: int(t) for g, t in zip(gene_ids, gene_map.col_token) if g is not None}
+    gene_median = np.where(in_vocab, medians[np.minimum(gene_map.col_token, len(medians) - 1)], np.nan)
+    adata = ad.read_h5ad(path, backed="r")
+    start = time.perf_counter()
+    dense = adata.X[:n_cells].toarray()
+    for row in dense:  # one cell at a time, as preprocess.py does
+        x = row / row.sum() * 1e4
+        value = np.log2(1 + x / gene_median)
+        value[~(row > 0) | ~np.isfinite(value)] = 0
+        order = np.argsort(-value)
+        order = order[value[order] > 0][:2048]
+        _ = [token_dict[gene_ids[i]] for i in order], value[order].tolist()
+    return {"cells": n_cells, "seconds": time.perf_counter() - start}
+
+
+def measure_random_access(corpus: str, h5ad: str, n: int) -> dict:
+    """Shuffled access to n cells: the training reader (block-shuffled sampler order, block cache), single
+    random cells straight from the corpus, and AnnData backed rows in the same orders."""
+    import anndata as ad
+
+    from genecompass.corpus import Corpus
+    from genecompass.data import CorpusDataset, TokenBudgetBatchSampler
+
+    corpus_obj = Corpus(corpus)
+    dataset = CorpusDataset(corpus_obj, max_length=2049)
+    sampler = TokenBudgetBatchSampler(
+        dataset.lengths, max_tokens=16384, seed=0, block_size=dataset.block_cells
+    )
+    shuffled = [i for batch in sampler for i in batch][:n]
+    uniform = np.random.default_rng(0).choice(corpus_obj.n_cells, size=n, replace=False)
+    adata = ad.read_h5ad(h5ad, backed="r")
+    result = {"cells": n}
+    start = time.perf_counter()
+    for i in shuffled:
+        dataset[int(i)]
+    result["training_reader_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in shuffled:
+        adata.X[int(i)]
+    result["anndata_backed_same_order_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in uniform:
+        corpus_obj.read_cells(int(i), int(i) + 1)
+    result["corpus_uniform_random_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in uniform:
+        adata.X[int(i)]
+    result["anndata_backed_uniform_random_seconds"] = time.perf_counter() - start
+    return result
+
+
+MODES = {
+    "read": measure_read,
+    "h5py": measure_h5py_floor,
+    "rust": measure_rust,
+    "medians": measure_medians,
+    "python": measure_python_loop,
+    "random": measure_random_access,
+}
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM; unlike ru_maxrss it does not inherit the parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_with_rss(mode: str, *args) -> dict:
+    """One measurement in a fresh interpreter, with that process's own peak RSS (MiB)."""
+    code = (
+        f"import json,sys; sys.path.insert(0, {str(REPO)!r}); import bench.bench_tokenize as b; "
+        f"r = b.MODES[{mode!r}](*{list(args)!r}); r['peak_rss_mib'] = round(b._peak_rss_mib(), 1); "
+        f"print(json.dumps(r))"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO, check=True
+    ).stdout
+    result = json.loads(output.strip().splitlines()[-1])
+    if result.get("cells") and "seconds" in result:
+        result["cells_per_s"] = round(result["cells"] / result["seconds"], 1)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_cache = Path(os.environ.get("GC_CACHE", Path.home() / ".cache/gc"))
+    parser.add_argument("--cache", type=Path, default=default_cache)
+    parser.add_argument("--copies", type=int, default=8, help="Kang copies (13,576 cells each)")
+    parser.add_argument("--python-cells", type=int, default=2000)
+    parser.add_argument("--random-cells", type=int, default=2000)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO / "scripts"))
+    from fetch_kang import fetch_kang
+
+    args.cache.mkdir(parents=True, exist_ok=True)
+    kang = Path(fetch_kang(args.cache))
+    kang_1x = concatenated(kang, 1, args.cache / "kang_x1.h5ad")
+    kang_big = concatenated(kang, args.copies, args.cache / f"kang_x{args.copies}.h5ad")
+    kang_10x = concatenated(kang, 10, args.cache / "kang_x10.h5ad")
+    pbmc = str(REPO / "data/pbmc3k.h5ad")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path in (("pbmc3k", pbmc), (f"kang_x{args.copies}", str(kang_big))):
+            medians = str(Path(tmp) / f"{name}.medians.tsv")
+            results[name] = {
+                "h5py_floor": run_with_rss("h5py", path),
+                "read": run_with_rss("read", path),
+                "medians_pass": run_with_rss("medians", path, medians),
+                "tokenize_with_medians": run_with_rss("rust", path, medians),
+                "tokenize_end_to_end": run_with_rss("rust", path),
+                "python_loop": run_with_rss("python", path, args.python_cells, medians),
+            }
+        results["rss_scaling"] = {
+            "kang_x1": run_with_rss("rust", str(kang_1x)),
+            "kang_x10": run_with_rss("rust", str(kang_10x)),
+        }
+        from genecompass.tokenize import tokenize
+
+        corpus = Path(tmp) / "kang.zarr"
+        tokenize([str(kang_big)], corpus)
+        results["random_access"] = run_with_rss("random", str(corpus), str(kang_big), args.random_cells)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
