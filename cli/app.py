@@ -10,7 +10,7 @@ import typer
 from genecompass import __version__
 from genecompass.errors import GcError
 
-from . import corpus, data, pretrain, qc, reference, tokenize
+from . import corpus, data, knowledge, pretrain, qc, reference, tokenize
 from .console import err_console
 
 app = typer.Typer(
@@ -38,7 +38,7 @@ def _root(
     """gc — the GeneCompass toolkit."""
 
 
-for module in (reference, data, qc, tokenize, corpus, pretrain):
+for module in (reference, data, qc, tokenize, corpus, knowledge, pretrain):
     module.register(app)
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     except GcError as exc:
         if os.environ.get("GC_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(1)
 
 

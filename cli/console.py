@@ -54,7 +54,7 @@ def progress_bar(description: str, unit: str = "cells") -> Iterator[Callable[[in
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,
-        transient=False,
+        disable=not err_console.is_terminal,  # no bar frames in logs and pipes
     ) as progress:
         task = progress.add_task(description, total=None, rate="")
 

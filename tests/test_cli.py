@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -25,9 +24,9 @@ def gc(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     )
 
 
-def _commands(group: click.Group, prefix: tuple[str, ...] = ()):
+def _commands(group, prefix: tuple[str, ...] = ()):
     for name, command in group.commands.items():
-        if isinstance(command, click.Group):
+        if hasattr(command, "commands"):  # a command group
             yield from _commands(command, (*prefix, name))
         else:
             yield (*prefix, name)
