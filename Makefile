@@ -7,7 +7,8 @@ GC := $(VENV)/bin/gc
 DEMO ?= demo_out
 RUST_SOURCES := $(shell find gc_tokenizer_rs -name '*.rs' -o -name Cargo.toml) Cargo.toml
 export DS_ACCELERATOR := cpu
-export TORCH_EXTENSIONS_DIR := $(CURDIR)/cache/torch_extensions
+# DeepSpeed JIT-compiles its CPU communication op on first use (minutes): cache it per user, not per clone.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/gc/torch_extensions
 
 .PHONY: setup demo test lint rust-test py-test bench-tokenize clean
 

@@ -34,6 +34,13 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version."
     ),
+    local_rank: int | None = typer.Option(
+        None,
+        "--local_rank",
+        "--local-rank",
+        hidden=True,
+        help="Set by the deepspeed launcher; gc reads ranks from the environment.",
+    ),
 ) -> None:
     """gc — the GeneCompass toolkit."""
 

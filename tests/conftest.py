@@ -62,6 +62,16 @@ def pbmc3k_subset(pbmc3k_adata):
     return pbmc3k_adata[:300].copy()
 
 
+@pytest.fixture(scope="session")
+def pbmc3k_corpus(pbmc3k_path, tmp_path_factory) -> Path:
+    """PBMC3k tokenised with the real gene reference (2,700 cells, ``cell_type`` carried). Do not modify."""
+    from genecompass.tokenize import TokenizeOptions, tokenize
+
+    out = tmp_path_factory.mktemp("pbmc3k") / "pbmc3k.zarr"
+    tokenize([pbmc3k_path], out, options=TokenizeOptions(obs_keys=("cell_type",)))
+    return out
+
+
 @pytest.fixture
 def tmp(tmp_path) -> Path:
     """A fresh per-test directory (alias of ``tmp_path``)."""

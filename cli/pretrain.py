@@ -1,0 +1,172 @@
+"""`gc pretrain` (DeepSpeed pre-training) and `gc model info` (parameter counts of a configuration)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from .console import JsonOption, OverwriteOption, console, err_console, existing_paths, print_json
+
+model_app = typer.Typer(help="Inspect GeneCompass model configurations.", no_args_is_help=True)
+
+ConfigOption = typer.Option(
+    "tiny", "--config", help="A preset (tiny, small, base) or a YAML file of pre-training settings."
+)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def pretrain(
+    corpus: Path = typer.Option(..., "--corpus", help="The tokenised corpus (.zarr) from `gc tokenize`."),
+    config: str = ConfigOption,
+    out: Path = typer.Option(..., "--out", help="Run directory: checkpoints, logs, loss curve, final model."),
+    knowledge: Path | None = typer.Option(
+        None, "--knowledge", help="Prior-knowledge directory from `gc knowledge build` (omit: no knowledge)."
+    ),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", min=1, help="Optimizer steps (overrides the config)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    overwrite: bool = OverwriteOption,
+    seed: int | None = typer.Option(None, "--seed", min=0, help="Random seed (overrides the config)."),
+    zero_stage: int | None = typer.Option(
+        None, "--zero-stage", min=0, max=3, help="DeepSpeed ZeRO stage 0-3 (overrides the config)."
+    ),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", min=1, help="Padded tokens per micro-batch per rank (overrides the config)."
+    ),
+    as_json: bool = JsonOption,
+) -> None:
+    """Pre-train GeneCompass on a corpus with DeepSpeed: masked-gene ID + value prediction.
+
+    Runs as a single process without a launcher, or one process per GPU under torchrun, the deepspeed
+    launcher or SLURM srun (rank 0 prints). A killed run continues with --resume.
+
+    Example: gc pretrain --corpus pbmc3k.zarr --config tiny --out runs/tiny --max-steps 200
+
+    Multi-GPU: torchrun --nproc_per_node 8 $(which gc) pretrain --corpus c.zarr --config small --out runs/s;
+    deepspeed --no_local_rank --num_gpus 8 $(which gc) pretrain ...; srun --ntasks-per-node 8 gc pretrain ...
+    """
+    from genecompass.train import PretrainConfig
+    from genecompass.train import pretrain as run_pretraining
+
+    existing_paths([corpus] + ([knowledge] if knowledge is not None else []))
+    settings = PretrainConfig.load(
+        config, max_steps=max_steps, seed=seed, zero_stage=zero_stage, max_tokens=max_tokens
+    )
+    is_main = _rank() == 0
+    with Progress(
+        TextColumn("[bold]pretrain"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps · loss {task.fields[loss]} · {task.fields[rate]} tokens/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=not is_main,
+    ) as bar:
+        task = bar.add_task("pretrain", total=settings.max_steps, loss="-", rate="-")
+
+        def update(step: int, total: int, metrics: dict) -> None:
+            bar.update(
+                task,
+                completed=step,
+                total=total,
+                loss=f"{metrics['loss']:.4f}",
+                rate=f"{metrics['tokens_per_s']:,.0f}",
+            )
+
+        summary = run_pretraining(
+            corpus,
+            settings,
+            out,
+            knowledge_dir=knowledge,
+            resume=resume,
+            overwrite=overwrite,
+            progress=update,
+        )
+    if not is_main:
+        return
+    if as_json:
+        print_json(summary)
+        return
+    for note in summary["notes"]:
+        err_console.print(f"[yellow]note:[/] {note}")
+    if summary["loss"] is None:  # resumed a run that had already reached --max-steps
+        console.print(f"nothing to do: the run is already at step {summary['steps']}")
+        return
+    console.print(
+        f"{summary['steps']} steps · loss {summary['loss']:.4f} (id {summary['id_loss']:.4f}, value "
+        f"{summary['value_loss']:.4f}) · {summary['tokens']:,} tokens at {summary['tokens_per_s']:,.0f}/s "
+        f"on {summary['world_size']} rank(s)"
+    )
+    console.print(f"model: {summary['model_dir']}  ·  log: {Path(summary['out_dir']) / 'train_log.csv'}")
+
+
+@model_app.command("info")
+def info(
+    config: str = ConfigOption,
+    knowledge: Path | None = typer.Option(
+        None, "--knowledge", help="Count the projections and frozen tables of this knowledge directory."
+    ),
+    as_json: bool = JsonOption,
+) -> None:
+    """Parameter counts (trainable, frozen, by component) of a model configuration.
+
+    Example: gc model info --config small --knowledge knowledge/
+    """
+    import torch
+
+    from genecompass.knowledge import read_manifest
+    from genecompass.model import GeneCompassConfig, GeneCompassForPretraining, parameter_counts
+    from genecompass.reference import load_reference
+    from genecompass.train import PretrainConfig
+
+    settings = PretrainConfig.load(config)
+    reference = load_reference()
+    tables: dict[str, int] = {}
+    if knowledge is not None:
+        existing_paths([knowledge])
+        tables = {name: entry["dim"] for name, entry in read_manifest(knowledge)["tables"].items()}
+    model_config = GeneCompassConfig.from_preset(
+        settings.model,
+        vocab_size=reference.vocab_size,
+        pad_token_id=reference.pad_id,
+        mask_token_id=reference.mask_id,
+        species_token_ids=dict(reference.species_token_ids),
+        knowledge_tables=list(tables),
+        knowledge_dims=tables,
+        **settings.model_overrides,
+    )
+    with torch.device("meta"):  # shapes only: counting needs no memory for the weights
+        counts = parameter_counts(GeneCompassForPretraining(model_config))
+    summary = {"preset": settings.model, "vocab_size": reference.vocab_size, **counts}
+    if as_json:
+        print_json(summary)
+        return
+    table = Table(title=f"GeneCompass {settings.model} (vocabulary {reference.vocab_size:,})")
+    table.add_column("component")
+    table.add_column("parameters", justify="right")
+    for component, count in counts["by_component"].items():
+        table.add_row(component, f"{count:,}")
+    table.add_row("[bold]trainable", f"[bold]{counts['trainable']:,}")
+    table.add_row("[bold]frozen", f"[bold]{counts['frozen']:,}")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pretrain")(pretrain)
+    app.add_typer(model_app, name="model")

@@ -1,0 +1,2 @@
+"""Pre-training presets (``tiny.yaml``, ``small.yaml``, ``base.yaml``), read by
+``genecompass.train.PretrainConfig``."""
