@@ -146,7 +146,13 @@ def write_knowledge_table(
             }
         payload = save(
             {"embedding": embedding, "covered": covered},
-            metadata={"format": KNOWLEDGE_FORMAT, "table": name, "reference_hash": reference_hash},
+            # One key: safetensors writes several metadata keys in a random order, changing the bytes.
+            metadata={
+                "gc": json.dumps(
+                    {"format": KNOWLEDGE_FORMAT, "reference_hash": reference_hash, "table": name},
+                    sort_keys=True,
+                )
+            },
         )
         _atomic_write_bytes(table_path, payload)
         manifest["tables"][name] = {
