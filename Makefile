@@ -29,6 +29,12 @@ demo: setup
 	$(GC) tokenize data/pbmc3k.h5ad --out $(DEMO)/pbmc3k.zarr --qc-from $(DEMO)/qc --obs-keys cell_type
 	$(GC) corpus validate $(DEMO)/pbmc3k.zarr
 	$(GC) corpus info $(DEMO)/pbmc3k.zarr
+	$(GC) knowledge build --corpus $(DEMO)/pbmc3k.zarr --out $(DEMO)/knowledge
+	$(GC) knowledge info $(DEMO)/knowledge
+	$(GC) model info --config tiny --knowledge $(DEMO)/knowledge
+	$(GC) pretrain --corpus $(DEMO)/pbmc3k.zarr --config tiny --knowledge $(DEMO)/knowledge \
+		--max-steps 100 --out $(DEMO)/run
+	@echo "loss curve: $(DEMO)/run/loss_curve.png"
 
 lint: setup
 	cargo fmt --all --check
