@@ -10,7 +10,7 @@ export DS_ACCELERATOR := cpu
 # DeepSpeed JIT-compiles its CPU communication op on first use (minutes): cache it per user, not per clone.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/gc/torch_extensions
 
-.PHONY: setup demo test lint rust-test py-test bench-tokenize clean
+.PHONY: setup system-deps demo test lint rust-test py-test bench-tokenize container-check clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ demo: setup
 		--max-steps 100 --out $(DEMO)/run
 	@echo "loss curve: $(DEMO)/run/loss_curve.png"
 
+# shellcheck lints the container scripts (tests/test_containers.py); Debian's package, installed once.
+system-deps:
+	command -v shellcheck >/dev/null || { apt-get update -qq && apt-get install -y -qq shellcheck; }
+
 lint: setup
 	cargo fmt --all --check
 	cargo clippy --all-targets -- -D warnings
@@ -47,10 +51,14 @@ rust-test:
 py-test: setup
 	$(PY) -m pytest -q
 
-test: setup lint rust-test py-test
+test: setup system-deps lint rust-test py-test
 
 bench-tokenize: setup
 	$(PY) bench/bench_tokenize.py
+
+# Builds the CPU image with buildah (no Docker daemon) and runs gc inside it; minutes, not part of `make test`.
+container-check: setup
+	bash containers/check.sh
 
 clean:
 	rm -rf $(VENV) target $(DEMO) cache
