@@ -1,0 +1,254 @@
+"""`gc perturb` (one perturbation vs random controls), `gc perturb screen` (every candidate gene, resumable,
+shardable) and `gc perturb merge` (combine the shards of a screen)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from typer.core import TyperGroup
+
+from .console import JsonOption, console, existing_paths, print_json, progress_bar
+
+
+class _DefaultRunGroup(TyperGroup):
+    """`gc perturb --model RUN CORPUS …` runs the hidden `run`; `screen` and `merge` are subcommands."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+perturb_app = typer.Typer(
+    cls=_DefaultRunGroup,
+    no_args_is_help=True,
+    help="In-silico perturbation: shift of source cells toward target states, with random-gene controls.\n\n"
+    "Example: gc perturb --model runs/tiny pbmc3k.zarr --overexpress FCGR3A --level cell-max "
+    "--cells-key cell_type --source 'CD14 Monocytes' --target 'FCGR3A Monocytes' --out perturb/\n\n"
+    "Example: gc perturb screen --model runs/tiny pbmc3k.zarr --source 'CD14 Monocytes' "
+    "--target 'FCGR3A Monocytes' "
+    "--genes all --out screen/",
+)
+
+ModelOption = typer.Option(..., "--model", help="A `gc pretrain` run directory (or its model/ directory).")
+CorpusArgument = typer.Argument(..., help="Tokenised corpus (.zarr) from `gc tokenize`.")
+CellsKeyOption = typer.Option("cell_type", "--cells-key", help="Obs key holding the cell states.")
+SourceOption = typer.Option(..., "--source", help="State of the cells to perturb (a value of --cells-key).")
+TargetOption = typer.Option(..., "--target", help="Goal state(s), comma-separated values of --cells-key.")
+MaxCellsOption = typer.Option(None, "--max-cells", min=1, help="At most this many cells per state (seeded).")
+SeedOption = typer.Option(0, "--seed", min=0, help="Seed for cell sampling and control genes.")
+MaxTokensOption = typer.Option(16384, "--max-tokens", min=64, help="Padded tokens per forward pass.")
+MaxLengthOption = typer.Option(
+    None,
+    "--max-length",
+    min=2,
+    help="Tokens per cell incl. the species token (default: the model's maximum).",
+)
+KnowledgeOption = typer.Option(
+    None, "--knowledge", help="Knowledge directory the model was trained with (default: the recorded one)."
+)
+AnyRankOption = typer.Option(
+    False,
+    "--any-rank",
+    help="Knock down in every cell carrying the gene (default: only where it ranks in the "
+    "cell's top 50 %, as the paper).",
+)
+
+
+def _targets(spec: str) -> list[str]:
+    from genecompass.errors import InputError
+
+    targets = [t.strip() for t in spec.split(",") if t.strip()]
+    if not targets:
+        raise InputError("--target needs at least one value")
+    return targets
+
+
+@perturb_app.command("run", hidden=True)
+def run(
+    model: Path = ModelOption,
+    corpus: Path = CorpusArgument,
+    out: Path = typer.Option(
+        ..., "--out", help="Output directory (cells.parquet, summary.json/csv, shifts.png)."
+    ),
+    overexpress: str | None = typer.Option(
+        None, "--overexpress", help="Genes (symbol or Ensembl ID), comma-separated; A+B = a combination."
+    ),
+    level: str = typer.Option(
+        "cell-max", "--level", help="Overexpression level: corpus-median, cell-max, a value, or fold:F."
+    ),
+    knockdown: str | None = typer.Option(None, "--knockdown", help="Genes to knock down (as --overexpress)."),
+    fraction: float = typer.Option(
+        0.5, "--fraction", min=0.0, max=1.0, help="Knock-down fraction (0 removes)."
+    ),
+    delete: str | None = typer.Option(None, "--delete", help="Genes to delete (as --overexpress)."),
+    any_rank: bool = AnyRankOption,
+    cells_key: str = CellsKeyOption,
+    source: str = SourceOption,
+    target: str = TargetOption,
+    n_random: int = typer.Option(20, "--n-random", min=0, help="Random control genes (same dose)."),
+    seed: int = SeedOption,
+    max_cells: int | None = MaxCellsOption,
+    gene_effects: bool = typer.Option(
+        False, "--gene-effects", help="Per-gene embedding change (cosine before/after, matched by gene)."
+    ),
+    targets_file: Path | None = typer.Option(
+        None, "--targets", help="With --gene-effects: gene list tested against the other genes (Wilcoxon)."
+    ),
+    max_tokens: int = MaxTokensOption,
+    max_length: int | None = MaxLengthOption,
+    knowledge: Path | None = KnowledgeOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Perturb genes in the source cells; measure the shift toward target states vs random control genes.
+
+    Example: gc perturb --model runs/tiny pbmc3k.zarr --overexpress FCGR3A --level cell-max --cells-key cell_type --source 'CD14 Monocytes' --target 'FCGR3A Monocytes' --out perturb/
+    Example: gc perturb run --model runs/tiny pbmc3k.zarr --delete CEBPB --gene-effects --source 'CD14 Monocytes' --target 'FCGR3A Monocytes' --out del/ (`run` may be omitted)
+    """  # noqa: E501
+    from genecompass.errors import InputError
+    from genecompass.perturb import Level, Perturbation, load_model, parse_gene_groups, read_gene_file
+    from genecompass.perturb import run_perturbation as run_library
+
+    existing_paths([model, corpus])
+    given = {"overexpress": overexpress, "knockdown": knockdown, "delete": delete}
+    chosen = [(mode, spec) for mode, spec in given.items() if spec]
+    if len(chosen) != 1:
+        raise InputError("give exactly one of --overexpress, --knockdown, --delete")
+    mode, spec = chosen[0]
+    if gene_effects and mode != "delete":
+        raise InputError("--gene-effects applies to --delete")
+    perturbation = Perturbation(
+        mode,
+        (0,),
+        level=Level.parse(level) if mode == "overexpress" else None,
+        fraction=fraction if mode == "knockdown" else 0.0,
+        top_fraction=None if any_rank else 0.5,
+    )
+    effect_targets = read_gene_file(targets_file) if targets_file else None
+    encoder = load_model(model, knowledge_dir=knowledge)
+    with progress_bar("perturb", unit="perturbations") as update:
+        summary = run_library(
+            encoder,
+            corpus,
+            out,
+            perturbation=perturbation,
+            gene_groups=parse_gene_groups(spec),
+            cells_key=cells_key,
+            source=source,
+            targets=_targets(target),
+            n_random=n_random,
+            seed=seed,
+            max_cells=max_cells,
+            max_tokens=max_tokens,
+            max_length=max_length,
+            gene_effects=gene_effects,
+            effect_targets=effect_targets,
+            progress=update,
+        )
+    if as_json:
+        print_json(summary)
+        return
+    for row in summary["results"]:
+        fdr = "-" if row["fdr"] is None else f"{row['fdr']:.3g}"
+        console.print(
+            f"{row['perturbation']} → {row['state']}: shift {row['mean_shift']:+.4f} (random "
+            f"{row['null_mean_shift']:+.4f}) · FDR {fdr} · {row['n_cells']} cells, {row['n_skipped']} skipped"
+        )
+    console.print(f"written: {out}/cells.parquet, summary.json, summary.csv, shifts.png")
+
+
+@perturb_app.command("screen")
+def screen(
+    model: Path = ModelOption,
+    corpus: Path = CorpusArgument,
+    out: Path = typer.Option(..., "--out", help="Screen directory (resumable: re-run to continue)."),
+    source: str = SourceOption,
+    target: str = TargetOption,
+    genes: str = typer.Option(
+        "all", "--genes", help="all (genes expressed in ≥10 % of source cells) or a FILE."
+    ),
+    mode: str = typer.Option("overexpress", "--mode", help="overexpress or knockdown."),
+    level: str = typer.Option("cell-max", "--level", help="Overexpression level (as gc perturb)."),
+    fraction: float = typer.Option(0.0, "--fraction", min=0.0, max=1.0, help="Knock-down fraction."),
+    any_rank: bool = AnyRankOption,
+    cells_key: str = CellsKeyOption,
+    n_random: int = typer.Option(20, "--n-random", min=1, help="Random genes for the null."),
+    max_cells: int | None = typer.Option(200, "--max-cells", min=1, help="Source cells perturbed (seeded)."),
+    shard: str | None = typer.Option(None, "--shard", help="i/n: this process screens candidates i, i+n, …"),
+    batch_genes: int = typer.Option(16, "--batch-genes", min=1, help="Genes per result file (resume unit)."),
+    seed: int = SeedOption,
+    max_tokens: int = MaxTokensOption,
+    max_length: int | None = MaxLengthOption,
+    knowledge: Path | None = KnowledgeOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Screen candidate genes: rank by shift toward the target state(s) and away from the source, vs a null.
+
+    Example: gc perturb screen --model runs/tiny pbmc3k.zarr --source 'CD14 Monocytes' --target 'FCGR3A Monocytes' --genes all --out screen/
+    """  # noqa: E501
+    from genecompass.perturb import ScreenSettings, load_model, parse_shard, read_gene_file
+    from genecompass.perturb import screen as run_screen
+
+    existing_paths([model, corpus])
+    names = None if genes == "all" else read_gene_file(Path(genes))
+    settings = ScreenSettings(
+        mode=mode,
+        level=level,
+        fraction=fraction,
+        top_fraction=None if any_rank else 0.5,
+        cells_key=cells_key,
+        source=source,
+        targets=_targets(target),
+        n_random=n_random,
+        max_cells=max_cells,
+        seed=seed,
+        max_length=max_length,
+        batch_genes=batch_genes,
+    )
+    encoder = load_model(model, knowledge_dir=knowledge)
+    with progress_bar("screen", unit="genes") as update:
+        result = run_screen(
+            encoder,
+            corpus,
+            out,
+            settings=settings,
+            genes=names,
+            shard=parse_shard(shard),
+            max_tokens=max_tokens,
+            progress=update,
+        )
+    if as_json:
+        print_json(result)
+        return
+    console.print(
+        f"shard {result['shard']}: {result['batches_written']} batches written, {result['batches_skipped']} "
+        f"already done, of {result['batches_total']} · {result['genes_done']}/{result['genes_total']} genes"
+    )
+    if result["table"]:
+        console.print(f"table: {result['table']} (and screen.csv)")
+    else:
+        console.print("other shards are still running or missing; `gc perturb merge DIR` when all are done")
+
+
+@perturb_app.command("merge")
+def merge(
+    directory: Path = typer.Argument(..., help="A screen directory written by `gc perturb screen`."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Merge the shards of a screen into screen.parquet / screen.csv (ranks, FDR).
+
+    Example: gc perturb merge screen/
+    """
+    from genecompass.perturb import merge_screen
+
+    existing_paths([directory])
+    info = merge_screen(directory)
+    if as_json:
+        print_json(info)
+        return
+    console.print(f"{info['genes_done']} genes · table: {info['table']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(perturb_app, name="perturb")

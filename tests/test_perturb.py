@@ -1,0 +1,387 @@
+"""In-silico perturbation: token edits checked on the tokens, batched = one-at-a-time embeddings, `gc perturb`
+end to end on PBMC3k with a tiny pre-trained model, and a screen that resumes to the same table."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from typer.testing import CliRunner
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gc" / "torch_extensions"))
+
+from genecompass.errors import InputError  # noqa: E402
+from genecompass.perturb import (  # noqa: E402
+    Level,
+    Perturbation,
+    apply_perturbation,
+    bh_fdr,
+    delete,
+    knockdown,
+    level_value,
+    overexpress,
+    resolve_genes,
+)
+
+SOURCE, TARGET = "CD14 Monocytes", "FCGR3A Monocytes"
+
+
+# ------------------------------------------------------------------------------------ token edits
+def cell():
+    genes = np.array([50, 10, 30, 20, 40, 60], dtype=np.int64)
+    values = np.array([5.0, 3.0, 2.0, 2.0, 1.0, 0.5], dtype=np.float32)
+    return genes, values
+
+
+def test_overexpress_inserts_an_absent_gene_at_its_rank_and_truncates():
+    genes, values = cell()
+    g, v = overexpress(genes, values, 25, "corpus-median")  # value 1.0, ties with token 40: 25 < 40 first
+    assert g.tolist() == [50, 10, 30, 20, 25, 40, 60] and v[4] == 1.0
+    g, v = overexpress(genes, values, 25, "corpus-median", k=6)  # re-truncated: the last gene drops out
+    assert g.tolist() == [50, 10, 30, 20, 25, 40] and len(v) == 6
+    g, v = overexpress(genes, values, 99, "cell-max")  # ties with the top gene (50 < 99): second
+    assert g.tolist()[:2] == [50, 99] and v[1] == 5.0
+    g, v = overexpress(genes, values, 5, "cell-max")  # token 5 < 50: first
+    assert g.tolist()[:2] == [5, 50]
+
+
+def test_overexpress_moves_a_present_gene_and_leaves_the_others_in_order():
+    genes, values = cell()
+    g, v = overexpress(genes, values, 60, 2.5)
+    assert g.tolist() == [50, 10, 60, 30, 20, 40] and v[2] == np.float32(2.5)
+    assert sorted(g.tolist()) == sorted(genes.tolist())
+    # ties among the untouched genes (30, 20 at 2.0) keep their stored order
+    assert g.tolist().index(30) < g.tolist().index(20)
+
+
+def test_fold_levels():
+    genes, values = cell()
+    ratio = 2.0**1.0 - 1.0  # gene 40 sits at its median
+    assert level_value(genes, values, 40, "fold:4") == pytest.approx(np.log2(1 + 4 * ratio))
+    assert level_value(genes, values, 99, "fold:4") == pytest.approx(np.log2(5.0))  # absent: 4 × median
+    assert Level.parse("corpus-median").kind == "corpus-median"
+    for bad in ("fold:0", "fold:x", "-1", "huge"):
+        with pytest.raises(InputError):
+            Level.parse(bad)
+
+
+def test_knockdown_scales_the_ratio_and_respects_the_top_half_rule():
+    genes, values = cell()
+    g, v = knockdown(genes, values, 10, 0.25)  # rank 1 of 6: in the top half
+    expected = np.log2(1 + 0.25 * (2.0**3 - 1))
+    assert v[g.tolist().index(10)] == pytest.approx(expected, rel=1e-6)
+    assert g.tolist() == [50, 30, 20, 10, 40, 60]  # 1.45 falls below the 2.0s
+    assert knockdown(genes, values, 40, 0.5) is None  # rank 4 of 6: skipped
+    assert knockdown(genes, values, 40, 0.5, top_fraction=None) is not None
+    assert knockdown(genes, values, 99, 0.5, top_fraction=None) is None  # absent: skipped
+    g0, v0 = knockdown(genes, values, 10, 0.0)
+    gd, vd = delete(genes, values, 10)
+    assert np.array_equal(g0, gd) and np.array_equal(v0, vd)  # knock-down to 0 = deletion
+    assert g0.tolist() == [50, 30, 20, 40, 60]
+
+
+def test_combinations_apply_every_gene():
+    genes, values = cell()
+    both = Perturbation("delete", (10, 40))
+    g, _ = apply_perturbation(genes, values, both)
+    assert g.tolist() == [50, 30, 20, 60]
+    assert apply_perturbation(genes, values, Perturbation("delete", (10, 99))) is None  # a gene is absent
+    up = Perturbation("overexpress", (7, 8), level=Level.parse("cell-max"))
+    g, v = apply_perturbation(genes, values, up, k=6)
+    assert g.tolist() == [7, 8, 50, 10, 30, 20] and v[:3].tolist() == [5.0, 5.0, 5.0]
+
+
+def test_bh_fdr_matches_the_textbook_example():
+    p = [0.01, 0.04, 0.03, 0.005, np.nan]
+    expected = [0.02, 0.04, 0.04, 0.02, np.nan]
+    np.testing.assert_allclose(bh_fdr(p), expected)
+
+
+def test_unknown_gene_says_so_and_points_to_lookup():
+    with pytest.raises(InputError, match=r"unknown gene 'NOTAGENE1'.*gc reference lookup"):
+        resolve_genes(["NOTAGENE1"])
+    human, mouse, ensembl = resolve_genes(["FCGR3A", "Trp53", "ENSG00000141510"])
+    assert mouse == ensembl  # Trp53 shares TP53's token
+    assert human > 3
+
+
+# ---------------------------------------------------------------------------- tiny model, real data
+def tiny_run_dir(pbmc3k_corpus, tmp_path_factory) -> Path:
+    """A tiny model pre-trained briefly on PBMC3k, shared by this module and test_grn (built once)."""
+    from genecompass.train import PretrainConfig, pretrain
+
+    run = tmp_path_factory.getbasetemp() / "gc_tiny_perturb_run"
+    if not (run / "model" / "config.json").is_file():
+        shutil.rmtree(run, ignore_errors=True)
+        config = PretrainConfig.load("tiny").replace(
+            max_steps=12, max_length=129, max_tokens=1024, warmup_steps=2, log_every=4, save_every=1000
+        )
+        pretrain(pbmc3k_corpus, config, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(pbmc3k_corpus, tmp_path_factory) -> Path:
+    return tiny_run_dir(pbmc3k_corpus, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_run):
+    import torch
+
+    from genecompass.perturb import load_model
+
+    torch.manual_seed(0)
+    return load_model(tiny_run, device="cpu")
+
+
+def test_batched_and_one_at_a_time_embeddings_agree(encoder, pbmc3k_corpus):
+    from genecompass.corpus import Corpus
+    from genecompass.perturb import Embedder, cell_species_tokens, read_cells
+
+    corpus = Corpus.open(pbmc3k_corpus)
+    indices = np.arange(0, 400, 17)
+    cells = read_cells(corpus, indices)
+    up = Perturbation("overexpress", (resolve_genes(["FCGR3A"])[0],), level=Level.parse("cell-max"))
+    embedder = Embedder(encoder, max_tokens=4096, max_length=129)
+    perturbed = [apply_perturbation(g, v, up, k=embedder.k) for g, v in cells]
+    species = cell_species_tokens(corpus, indices, dict(encoder.config.species_token_ids))
+    batched = embedder.cell_embeddings(perturbed, species)
+    single = Embedder(encoder, max_tokens=1, max_length=129)  # one cell per forward pass
+    one_by_one = single.cell_embeddings(perturbed, species)
+    assert batched.shape == (len(indices), encoder.config.hidden_size)
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    # and the cells' own tokens really changed
+    assert all(p[0][0] == up.genes[0] or p[1][0] == c[1][0] for p, c in zip(perturbed, cells, strict=True))
+
+
+def _app() -> typer.Typer:
+    from cli import grn, perturb
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """gc"""
+
+    perturb.register(app)
+    grn.register(app)
+    return app
+
+
+def invoke(*args):
+    result = CliRunner().invoke(_app(), [str(a) for a in args], terminal_width=200)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+@pytest.mark.parametrize(
+    "command", [("perturb",), ("perturb", "run"), ("perturb", "screen"), ("perturb", "merge")]
+)
+def test_help_has_an_example(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0
+    assert "Example: gc " + " ".join(command) in " ".join(result.output.split())
+
+
+def test_gc_perturb_end_to_end(tiny_run, pbmc3k_corpus, tmp_path):
+    out = tmp_path / "oe"
+    result = invoke(
+        "perturb",
+        "--model",
+        tiny_run,
+        pbmc3k_corpus,
+        "--overexpress",
+        "FCGR3A,CD14+LYZ",
+        "--level",
+        "cell-max",
+        "--cells-key",
+        "cell_type",
+        "--source",
+        SOURCE,
+        "--target",
+        f"{TARGET},B",
+        "--n-random",
+        4,
+        "--max-cells",
+        40,
+        "--max-length",
+        129,
+        "--out",
+        out,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    cells = pd.read_parquet(out / "cells.parquet")
+    for column in [
+        "cell",
+        "perturbation",
+        "control",
+        "cos_source_before",
+        "cos_source_after",
+        "shift_source",
+        f"cos_target:{TARGET}_before",
+        f"cos_target:{TARGET}_after",
+        f"shift_target:{TARGET}",
+        "shift_target:B",
+    ]:
+        assert column in cells.columns
+    assert set(cells.loc[~cells["control"], "perturbation"]) == {"FCGR3A", "CD14+LYZ"}
+    assert (cells["perturbation"] == "FCGR3A").sum() == 40  # overexpression skips no cell
+    assert cells["control"].sum() == 4 * 40
+    np.testing.assert_allclose(
+        cells[f"shift_target:{TARGET}"],
+        cells[f"cos_target:{TARGET}_after"] - cells[f"cos_target:{TARGET}_before"],
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        summary["mode"] == "overexpress" and summary["level"] == "cell-max" and len(summary["controls"]) == 4
+    )
+    rows = pd.read_csv(out / "summary.csv")
+    assert set(rows["state"]) == {"source", TARGET, "B"} and len(rows) == 6
+    assert rows["p_value"].between(0, 1).all() and rows["fdr"].between(0, 1).all()
+    assert (rows["fdr"] >= rows["p_value"] - 1e-12).all()
+    assert (out / "shifts.png").stat().st_size > 1000
+
+
+def test_knockdown_skips_cells_and_deletion_gene_effects(tiny_run, pbmc3k_corpus, tmp_path):
+    out = tmp_path / "kd"
+    result = invoke(
+        "perturb",
+        "--model",
+        tiny_run,
+        pbmc3k_corpus,
+        "--knockdown",
+        "LYZ",
+        "--fraction",
+        0.25,
+        "--source",
+        SOURCE,
+        "--target",
+        TARGET,
+        "--n-random",
+        2,
+        "--max-cells",
+        30,
+        "--max-length",
+        129,
+        "--out",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(out / "summary.csv")
+    assert (rows["n_cells"] + rows["n_skipped"] == 30).all()
+
+    targets = tmp_path / "targets.txt"
+    targets.write_text("S100A8\nS100A9\nFTL\n")
+    out = tmp_path / "del"
+    result = invoke(
+        "perturb",
+        "--model",
+        tiny_run,
+        pbmc3k_corpus,
+        "--delete",
+        "LYZ",
+        "--gene-effects",
+        "--targets",
+        targets,
+        "--source",
+        SOURCE,
+        "--target",
+        TARGET,
+        "--n-random",
+        2,
+        "--max-cells",
+        20,
+        "--max-length",
+        129,
+        "--out",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    effects = pd.read_parquet(out / "gene_effects.parquet")
+    assert list(effects.columns) == ["perturbation", "token", "gene", "mean_cosine", "n_cells"]
+    assert effects["mean_cosine"].between(-1, 1 + 1e-9).all() and "LYZ" not in set(effects["gene"])
+    assert effects["token"].is_unique
+    test = json.loads((out / "summary.json").read_text())["gene_effect_tests"][0]
+    assert test["n_targets"] >= 2 and 0 <= test["p_value"] <= 1
+
+
+def test_unknown_gene_on_the_command_line(tiny_run, pbmc3k_corpus, tmp_path):
+    with pytest.raises(InputError, match="unknown gene 'NOTAGENE1'"):
+        invoke(
+            "perturb",
+            "--model",
+            tiny_run,
+            pbmc3k_corpus,
+            "--overexpress",
+            "NOTAGENE1",
+            "--source",
+            SOURCE,
+            "--target",
+            TARGET,
+            "--out",
+            tmp_path / "x",
+        )
+    with pytest.raises(InputError, match="no cells with cell_type = 'Nope'"):
+        invoke(
+            "perturb",
+            "--model",
+            tiny_run,
+            pbmc3k_corpus,
+            "--overexpress",
+            "FCGR3A",
+            "--source",
+            "Nope",
+            "--target",
+            TARGET,
+            "--out",
+            tmp_path / "x",
+        )
+
+
+def test_screen_resumes_to_the_same_table(encoder, pbmc3k_corpus, tmp_path):
+    from genecompass.perturb import ScreenSettings, merge_screen, screen
+
+    genes = ["FCGR3A", "CD14", "LYZ", "S100A8", "MS4A7", "CST3", "FCER1G"]
+    settings = ScreenSettings(
+        source=SOURCE, targets=[TARGET, "B"], n_random=2, max_cells=10, batch_genes=2, max_length=129
+    )
+    full = screen(encoder, pbmc3k_corpus, tmp_path / "full", settings=settings, genes=genes)
+    assert full["complete"] and full["batches_written"] == 4
+    reference = pd.read_parquet(full["table"])
+
+    part = screen(
+        encoder, pbmc3k_corpus, tmp_path / "killed", settings=settings, genes=genes, stop_after_batches=2
+    )  # as if killed after two batches
+    assert not part["complete"] and part["genes_done"] == 4
+    (tmp_path / "killed" / "batches" / ".leftover.parquet.123.tmp").write_bytes(b"partial")  # a torn write
+    again = screen(encoder, pbmc3k_corpus, tmp_path / "killed", settings=settings, genes=genes)
+    assert again["batches_skipped"] == 2 and again["batches_written"] == 2 and again["complete"]
+    pd.testing.assert_frame_equal(pd.read_parquet(again["table"]), reference)
+
+    # two shards, then merge: the same table
+    for i in range(2):
+        screen(encoder, pbmc3k_corpus, tmp_path / "sharded", settings=settings, genes=genes, shard=(i, 2))
+    merged = merge_screen(tmp_path / "sharded")
+    pd.testing.assert_frame_equal(pd.read_parquet(merged["table"]), reference)
+
+    assert len(reference) == len(genes) and set(reference["gene"]) == set(genes)
+    assert reference["rank_all_targets"].is_monotonic_increasing
+    for column in [
+        "mean_shift_source",
+        f"mean_shift_target:{TARGET}",
+        f"fdr_target:{TARGET}",
+        "rank_away_from_source",
+    ]:
+        assert column in reference.columns
+    with pytest.raises(InputError, match="other settings"):
+        screen(encoder, pbmc3k_corpus, tmp_path / "full", settings=settings, genes=genes[:3])
