@@ -705,7 +705,15 @@ def _pretrain(
 
         # -- export -------------------------------------------------------------------------------------
         model_dir = out_dir / "model"
-        _export(model, model_dir, config.zero_stage, is_main)
+        _export(
+            model,
+            model_dir,
+            config.zero_stage,
+            is_main,
+            corpus=corpus,
+            reference=reference,
+            max_length=max_length,
+        )
         if is_main:
             log.close()
             plot_loss_curve(out_dir / "train_log.csv", out_dir / "loss_curve.png")
@@ -834,9 +842,19 @@ def _save_checkpoint(
     dist.barrier()
 
 
-def _export(model: Any, model_dir: Path, zero_stage: int, is_main: bool) -> None:
+def _export(
+    model: Any,
+    model_dir: Path,
+    zero_stage: int,
+    is_main: bool,
+    *,
+    corpus: Any = None,
+    reference: Any = None,
+    max_length: int | None = None,
+) -> None:
     """Save the unwrapped model with save_pretrained (fp32 safetensors). Under ZeRO-3 the partitioned
-    parameters are gathered first."""
+    parameters are gathered first. With ``corpus``, also write the run's normaliser beside it
+    (``medians.tsv`` + ``gc_run.json``, see ``genecompass.run``) so embedding tokenises as training did."""
     import deepspeed
     import torch
 
@@ -856,3 +874,7 @@ def _export(model: Any, model_dir: Path, zero_stage: int, is_main: bool) -> None
             if model_dir.exists():
                 shutil.rmtree(model_dir)
             model.save_pretrained(model_dir, state_dict=state)
+            if corpus is not None:
+                from .run import write_run_info
+
+                write_run_info(model_dir, corpus, reference, max_length=max_length)

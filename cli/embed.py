@@ -1,0 +1,91 @@
+"""`gc embed`: cell (and gene) embeddings from a trained run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .console import JsonOption, OverwriteOption, console, existing_paths, print_json, progress_bar
+
+
+def embed(
+    data: Path = typer.Argument(
+        ..., help="Raw counts: .h5ad, 10x .h5 or matrix directory, AnnData .zarr, .loom."
+    ),
+    model: Path = typer.Option(..., "--model", help="A run directory from `gc pretrain` (or its model/)."),
+    out: Path = typer.Option(..., "--out", help="Output .h5ad: obs of the input + obsm['X_genecompass']."),
+    pool: str = typer.Option(
+        "species",
+        "--pool",
+        help="species: output at the species token (the paper); mean: mean of gene outputs.",
+    ),
+    genes: bool = typer.Option(
+        False,
+        "--genes",
+        help="Also per-gene embeddings, averaged by gene ID across cells (uns['genecompass_genes']).",
+    ),
+    batch_size: int = typer.Option(
+        64, "--batch-size", min=1, help="Cells per batch (results do not depend on it)."
+    ),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", min=1, help="Also cap padded tokens per batch (bounds memory for long cells)."
+    ),
+    plot: str | None = typer.Option(
+        None,
+        "--plot",
+        help="Write OUT.png coloured by this obs key: UMAP if scanpy is installed, else the first two "
+        "principal components (matplotlib).",
+    ),
+    overwrite: bool = OverwriteOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Embed every cell of a count file with a trained GeneCompass run.
+
+    Cells are tokenised on the fly with the run's own gene reference (checked by hash) and medians, embedded
+    in length-sorted batches, and written in input order; no cell is dropped or subsampled.
+
+    Example: gc embed --model runs/tiny data/pbmc3k.h5ad --out pbmc3k_emb.h5ad --plot cell_type
+    """
+    from genecompass.embed import embed as run_embed
+    from genecompass.embed import plot_embedding
+    from genecompass.errors import InputError
+
+    existing_paths([data, model])
+    if pool not in ("species", "mean"):
+        raise InputError(f"--pool must be species or mean, not {pool!r}")
+    with progress_bar("embed") as update:
+        result = run_embed(
+            data,
+            model,
+            pool=pool,
+            genes=genes,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            out=out,
+            overwrite=overwrite,
+            progress=update,
+        )
+    summary = {
+        "out": str(out),
+        "n_cells": int(result.n_obs),
+        "embedding_shape": list(result.obsm["X_genecompass"].shape),
+        **{k: v for k, v in result.uns["genecompass"].items() if k != "n_cells"},
+    }
+    if genes:
+        summary["n_genes_embedded"] = int(len(result.uns["genecompass_genes"]["token_id"]))
+    if plot is not None:
+        png = out.with_suffix(".png")
+        summary["plot"] = str(png)
+        summary["plot_method"] = plot_embedding(result, plot, png)
+    if as_json:
+        print_json(summary)
+        return
+    console.print(
+        f"{summary['n_cells']:,} cells → {out} (obsm['X_genecompass'] {tuple(summary['embedding_shape'])}, "
+        f"pool {pool})" + (f"; plot: {summary['plot']} ({summary['plot_method']})" if plot else "")
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("embed")(embed)

@@ -1,0 +1,119 @@
+"""`gc finetune celltype` (cell-type classifier on the species-token output) and `gc predict`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .console import JsonOption, OverwriteOption, console, err_console, existing_paths, print_json
+
+finetune_app = typer.Typer(
+    help="Fine-tune a pre-trained GeneCompass run on a labelled task.", no_args_is_help=True
+)
+
+
+@finetune_app.command("celltype")
+def celltype(
+    model: Path = typer.Option(..., "--model", help="A run directory from `gc pretrain` (or its model/)."),
+    train: Path = typer.Option(..., "--train", help="Raw counts with a label column in obs (.h5ad, ...)."),
+    label_key: str = typer.Option(..., "--label-key", help="The obs column holding the cell types."),
+    out: Path = typer.Option(..., "--out", help="Output directory: metrics.json, confusion matrix, model/."),
+    test_key: str | None = typer.Option(None, "--test-key", help="Hold out cells by this obs column ..."),
+    test_value: str | None = typer.Option(
+        None, "--test-value", help="... whose value is this (e.g. stimulated)."
+    ),
+    test_fraction: float = typer.Option(
+        0.2, "--test-fraction", min=0.0, max=1.0, help="Otherwise: a stratified fraction of cells held out."
+    ),
+    freeze_layers: int = typer.Option(
+        0, "--freeze-layers", min=0, help="Freeze the input embedding and the first N encoder layers."
+    ),
+    epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training cells."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up then linear decay)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Cells per optimizer step."),
+    max_length: int | None = typer.Option(
+        None, "--max-length", min=2, help="Tokens per cell incl. the species token (default: the run's)."
+    ),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for the splits, shuffling and the head."),
+    overwrite: bool = OverwriteOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Fine-tune a cell-type classifier (head on the species-token output); keep the best epoch by
+    validation macro-F1 and report test macro-F1 and accuracy beside the majority-class rate.
+
+    Example: gc finetune celltype --model runs/tiny --train data/pbmc3k.h5ad --label-key cell_type --out ft/
+    """
+    from genecompass.finetune import FinetuneOptions, finetune_celltype
+
+    existing_paths([model, train])
+    options = FinetuneOptions(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        freeze_layers=freeze_layers,
+        max_length=max_length,
+        seed=seed,
+    )
+
+    def report(epoch: int, total: int, row: dict) -> None:
+        if not as_json:
+            err_console.print(
+                f"epoch {epoch}/{total}: loss {row['train_loss']:.4f} · "
+                f"val macro-F1 {row['val_macro_f1']:.3f}"
+            )
+
+    metrics = finetune_celltype(
+        train,
+        model,
+        label_key=label_key,
+        out=out,
+        test_key=test_key,
+        test_value=test_value,
+        test_fraction=test_fraction,
+        options=options,
+        overwrite=overwrite,
+        progress=report,
+    )
+    if as_json:
+        print_json(metrics)
+        return
+    console.print(
+        f"test ({metrics['split']['n_test']} cells): macro-F1 {metrics['macro_f1']:.3f} · accuracy "
+        f"{metrics['accuracy']:.3f} · majority-class rate {metrics['majority_class_rate']:.3f} "
+        f"(best epoch {metrics['best_epoch']}) → {out}"
+    )
+
+
+def predict(
+    data: Path = typer.Argument(..., help="Raw counts to label (.h5ad, 10x, .zarr, .loom)."),
+    model: Path = typer.Option(..., "--model", help="The --out directory of `gc finetune celltype`."),
+    out: Path = typer.Option(
+        ..., "--out", help="Output .h5ad: obs['predicted_<key>'], obsm['genecompass_proba']."
+    ),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Cells per batch."),
+    overwrite: bool = OverwriteOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Label cells with a fine-tuned classifier: predicted labels and class probabilities.
+
+    Example: gc predict --model ft/ data/pbmc3k.h5ad --out pbmc3k_pred.h5ad
+    """
+    from genecompass.finetune import predict as run_predict
+
+    existing_paths([data, model])
+    result = run_predict(data, model, batch_size=batch_size, out=out, overwrite=overwrite)
+    key = f"predicted_{result.uns['genecompass_predict']['label_key']}"
+    counts = result.obs[key].value_counts()
+    summary = {"out": str(out), "n_cells": int(result.n_obs), "key": key, "counts": counts.to_dict()}
+    if as_json:
+        print_json(summary)
+        return
+    console.print(f"{result.n_obs:,} cells labelled → {out} (obs[{key!r}])")
+    for label, n in counts.items():
+        console.print(f"  {label}: {n}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(finetune_app, name="finetune")
+    app.command("predict")(predict)

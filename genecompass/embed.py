@@ -1,0 +1,438 @@
+"""Cell (and gene) embeddings from a trained run (``gc embed``).
+
+Cells are tokenised on the fly exactly as the run's training corpus was: the run's gene reference (checked by
+hash), its per-gene medians and normalisation, through the same Rust ``tokenize_chunk`` call that
+``gc tokenize`` makes, truncated to the run's training length. The input is read in chunks; within a chunk the
+cells are sorted by length, cut into batches (``batch_size`` cells, and at most ``max_tokens`` padded tokens),
+padded per batch, embedded in eval mode without gradients, and put back in input order. Padding is masked
+out of attention, so a cell's embedding does not depend on its batch (batch 1 and batch 64 agree to ~1e-6).
+
+Every cell is embedded, including cells with no vocabulary gene (they are the species token alone; counted
+in ``uns["genecompass"]["n_empty_cells"]``). Nothing is subsampled.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+Progress = Callable[[int, int], None]
+POOLS = ("species", "mean")
+EMBEDDING_KEY = "X_genecompass"
+GENES_KEY = "genecompass_genes"
+
+
+@dataclass
+class CellTokens:
+    """Tokenised cells in CSR form: cell i's genes (rank order) are ``genes[offsets[i]:offsets[i + 1]]``.
+    ``species_token`` is the species token id (one per cell); the model input is the species token followed
+    by the genes."""
+
+    offsets: np.ndarray  # int64 (n + 1,)
+    genes: np.ndarray  # uint32 (n_tokens,)
+    values: np.ndarray  # float32 (n_tokens,)
+    species_token: np.ndarray  # int64 (n,)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Model sequence lengths (species token included)."""
+        return np.diff(self.offsets) + 1
+
+    def subset(self, rows: np.ndarray) -> CellTokens:
+        rows = np.asarray(rows, np.int64)
+        starts, stops = self.offsets[rows], self.offsets[rows + 1]
+        take = (
+            np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)])
+            if len(rows)
+            else np.empty(0, int)
+        )
+        offsets = np.concatenate([[0], np.cumsum(stops - starts)]).astype(np.int64)
+        return CellTokens(offsets, self.genes[take], self.values[take], self.species_token[rows])
+
+    @classmethod
+    def concatenate(cls, parts: list[CellTokens]) -> CellTokens:
+        lengths = np.concatenate([np.diff(p.offsets) for p in parts])
+        return cls(
+            np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            np.concatenate([p.genes for p in parts]),
+            np.concatenate([p.values for p in parts]),
+            np.concatenate([p.species_token for p in parts]),
+        )
+
+
+class TokenStream:
+    """An opened input tokenised with a run's normaliser: ``n_cells``, ``obs`` (all obs columns, indexed by
+    cell name), ``tokens`` (the vocabulary tokens its genes map to) and ``chunks()`` → ``(start,
+    CellTokens)``. Use as a context manager."""
+
+    def __init__(self, data, run, *, reference=None, chunk_size: int = 4096, threads: int = 0, layer=None):
+        from .reference import load_reference
+        from .tokenize import TokenizeOptions, _open_inputs
+
+        self._tmpdir = None
+        if not isinstance(data, (str, Path)):  # an in-memory AnnData: stream it from a temporary h5ad
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="gc-embed-")
+            path = Path(self._tmpdir.name) / "input.h5ad"
+            data.write_h5ad(path)
+            data = path
+        self.reference = reference or load_reference()
+        check_run_reference(run, self.reference)
+        norm = run.normalisation
+        self.options = TokenizeOptions(
+            top_k=max(1, min(run.top_k, run.max_length - 1)),
+            library_size=bool(norm.get("library_size", True)),
+            target_sum=float(norm.get("target_sum", 1e4)),
+            chunk_size=chunk_size,
+            threads=threads,
+            layer=layer,
+        )
+        run.medians.check_compatible(
+            reference_hash=self.reference.hash,
+            library_size=self.options.library_size,
+            target_sum=self.options.target_sum,
+            source=f"{run.path}/medians.tsv",
+        )
+        self.medians = run.medians
+        try:
+            (self.item,) = _open_inputs([data], self.options, self.reference, None, None)
+        except Exception:
+            self.close()
+            raise
+        self.path = Path(data)
+        self.n_cells = self.item.source.n_cells
+        self.species = self.item.gene_map.species
+        self.species_token = int(self.reference.species_token_ids[self.species])
+        col_token = self.item.gene_map.col_token
+        self.tokens = np.unique(col_token[col_token != np.iinfo(np.uint32).max]).astype(np.int64)
+
+    @property
+    def obs(self):
+        source = self.item.source
+        frame = source.read_obs(source.obs_columns())
+        frame.index = frame.index.astype(str)
+        return frame
+
+    def chunks(self) -> Iterator[tuple[int, CellTokens]]:
+        from . import _rust
+        from .tokenize import _call_rust
+
+        item, options = self.item, self.options
+        for chunk in item.source.iter_chunks(options.chunk_size):
+            offsets, genes, values, _, _ = _call_rust(
+                item.path,
+                chunk,
+                _rust.tokenize_chunk,
+                chunk.indptr,
+                chunk.indices,
+                chunk.data,
+                item.gene_map.col_token,
+                self.medians.values,
+                options.top_k,
+                options.library_size,
+                options.target_sum,
+                options.allow_non_integer,
+                options.threads,
+            )
+            n = chunk.stop - chunk.start
+            yield (
+                chunk.start,
+                CellTokens(
+                    np.asarray(offsets, np.int64),
+                    np.asarray(genes, np.uint32),
+                    np.asarray(values, np.float32),
+                    np.full(n, self.species_token, np.int64),
+                ),
+            )
+
+    def read_all(self) -> CellTokens:
+        return CellTokens.concatenate([tokens for _, tokens in self.chunks()])
+
+    def close(self) -> None:
+        item = getattr(self, "item", None)
+        if item is not None:
+            item.source.close()
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+    def __enter__(self) -> TokenStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_run_reference(run, reference) -> None:
+    from .errors import ReferenceMismatchError
+
+    if run.reference_hash != reference.hash:
+        raise ReferenceMismatchError(
+            f"{run.path}: the model was trained on gene reference {run.reference_hash}, but the installed "
+            f"reference is {reference.hash}; token ids would not mean the same genes. Use the gc version the "
+            "model was trained with, or re-train on a corpus tokenised with this one"
+        )
+
+
+def length_sorted_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None) -> list[np.ndarray]:
+    """Cell indices sorted by length (longest first, stable) and cut into batches of at most ``batch_size``
+    cells and ``max_tokens`` padded tokens (a longer single cell still gets its own batch)."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches, i = [], 0
+    while i < len(order):
+        size = batch_size
+        if max_tokens is not None:
+            size = max(1, min(size, max_tokens // int(lengths[order[i]])))
+        batches.append(order[i : i + size])
+        i += size
+    return batches
+
+
+def pad_batch(tokens: CellTokens, rows: np.ndarray):
+    """Model inputs for ``rows``: (input_ids (B, T) long, values (B, T) float, attention_mask (B, T) bool),
+    padded to the longest of these cells."""
+    import torch
+
+    lengths = tokens.lengths[rows]
+    width = int(lengths.max())
+    input_ids = np.zeros((len(rows), width), np.int64)  # 0 = <pad>
+    values = np.zeros((len(rows), width), np.float32)
+    input_ids[:, 0] = tokens.species_token[rows]
+    for b, row in enumerate(rows):
+        lo, hi = tokens.offsets[row], tokens.offsets[row + 1]
+        input_ids[b, 1 : 1 + hi - lo] = tokens.genes[lo:hi]
+        values[b, 1 : 1 + hi - lo] = tokens.values[lo:hi]
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    return torch.from_numpy(input_ids), torch.from_numpy(values), torch.from_numpy(mask)
+
+
+class GeneAccumulator:
+    """Sums of gene outputs by gene token id (never by position) over all cells, in float64."""
+
+    def __init__(self, tokens: np.ndarray, hidden: int):
+        import torch
+
+        self.tokens = np.asarray(tokens, np.int64)
+        self.lookup = torch.full(
+            (int(self.tokens.max()) + 1 if len(self.tokens) else 1,), -1, dtype=torch.long
+        )
+        self.lookup[torch.from_numpy(self.tokens)] = torch.arange(len(self.tokens))
+        self.sums = torch.zeros(len(self.tokens), hidden, dtype=torch.float64)
+        self.counts = torch.zeros(len(self.tokens), dtype=torch.long)
+
+    def add(self, hidden, input_ids, mask) -> None:
+        import torch
+
+        genes = hidden[:, 1:][mask[:, 1:]]  # (N, H): real gene positions only
+        slots = self.lookup[input_ids[:, 1:][mask[:, 1:]]]  # (N,)
+        self.sums.index_add_(0, slots, genes.double())
+        self.counts.index_add_(0, slots, torch.ones_like(slots))
+
+    def result(self) -> dict[str, np.ndarray]:
+        seen = (self.counts > 0).numpy()
+        means = (self.sums[seen] / self.counts[seen].unsqueeze(1).double()).float().numpy()
+        return {
+            "token_id": self.tokens[seen],
+            "embedding": means,
+            "n_cells": self.counts.numpy()[seen].astype(np.int64),
+        }
+
+
+def embed_tokens(
+    model,
+    tokens: CellTokens,
+    *,
+    pool: str = "species",
+    batch_size: int = 64,
+    max_tokens: int | None = None,
+    genes: GeneAccumulator | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Cell embeddings (n, H) float32 in input order, computed in length-sorted batches."""
+    import torch
+
+    from .model import pool_cells
+
+    if pool not in POOLS:
+        raise InputError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, not {batch_size}")
+    encoder = model.genecompass if hasattr(model, "genecompass") else model
+    out = np.zeros((tokens.n_cells, encoder.config.hidden_size), np.float32)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            for rows in length_sorted_batches(tokens.lengths, batch_size, max_tokens):
+                input_ids, values, mask = pad_batch(tokens, rows)
+                hidden = encoder(input_ids, values, mask).last_hidden_state  # (B, T, H)
+                out[rows] = pool_cells(hidden, mask, pool).float().numpy()
+                if genes is not None:
+                    genes.add(hidden, input_ids, mask)
+                if on_batch is not None:
+                    on_batch(len(rows))
+    finally:
+        encoder.train(was_training)
+    return out
+
+
+def embed(
+    data,
+    run,
+    *,
+    pool: str = "species",
+    genes: bool = False,
+    batch_size: int = 64,
+    max_tokens: int | None = None,
+    chunk_size: int = 4096,
+    layer: str | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+):
+    """Embed every cell of ``data`` (an AnnData with raw counts, or a path gc can read) with ``run`` (a
+    ``LoadedRun`` or a run directory).
+
+    Returns an AnnData: the input AnnData itself (keys added in place) when one is given; for a path, a new
+    AnnData holding the input's obs (all columns) and no genes (``X`` is empty: embeddings only). Keys:
+
+    - ``obsm["X_genecompass"]``: float32 (n_cells, hidden): the species-token output (``pool="species"``,
+      the paper's cell embedding) or the mean of the gene outputs (``pool="mean"``).
+    - ``uns["genecompass"]``: provenance: run path, reference hash, medians hash, pool, max_length,
+      batch size, n_cells, n_empty_cells (cells with no vocabulary gene: embedded from the species token
+      alone).
+    - with ``genes=True``, ``uns["genecompass_genes"]``: per-gene embeddings averaged by gene token id over
+      every cell expressing the gene among its top genes: ``token_id`` int64 (G,), ``gene_id`` and
+      ``symbol`` str (G,), ``embedding`` float32 (G, hidden), ``n_cells`` int64 (G,).
+
+    With ``out``, also writes the result as h5ad atomically (temporary name, then rename), refusing an
+    existing file unless ``overwrite``.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    from .corpus import check_output_path
+    from .run import LoadedRun, load_run
+
+    if pool not in POOLS:
+        raise InputError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
+    if out is not None:
+        out = Path(out)
+        check_output_path(out, overwrite)
+    if not isinstance(run, LoadedRun):
+        run = load_run(run)
+    hidden = run.model.config.hidden_size
+    with TokenStream(data, run, chunk_size=chunk_size, layer=layer) as stream:
+        total, done = stream.n_cells, 0
+        accumulator = GeneAccumulator(stream.tokens, hidden) if genes else None
+        embeddings = np.zeros((total, hidden), np.float32)
+        n_empty = 0
+
+        def on_batch(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, total)
+
+        for start, tokens in stream.chunks():
+            n_empty += int((np.diff(tokens.offsets) == 0).sum())
+            embeddings[start : start + tokens.n_cells] = embed_tokens(
+                run.model,
+                tokens,
+                pool=pool,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                genes=accumulator,
+                on_batch=on_batch,
+            )
+        if isinstance(data, (str, Path)):
+            result = ad.AnnData(obs=stream.obs, var=pd.DataFrame(index=pd.Index([], dtype=str)))
+        else:
+            result = data
+        reference = stream.reference
+    result.obsm[EMBEDDING_KEY] = embeddings
+    result.uns["genecompass"] = {
+        "run": str(run.path),
+        "reference_hash": run.reference_hash,
+        "medians_hash": run.medians_hash,
+        "pool": pool,
+        "max_length": int(run.max_length),
+        "batch_size": int(batch_size),
+        "n_cells": int(total),
+        "n_empty_cells": int(n_empty),
+    }
+    if accumulator is not None:
+        table = accumulator.result()
+        table["gene_id"] = np.array(
+            [reference.gene_id_of_token(t, None) or "" for t in table["token_id"]], dtype=str
+        )
+        table["symbol"] = np.array([reference.symbol_of_token(t) or "" for t in table["token_id"]], dtype=str)
+        result.uns[GENES_KEY] = table
+    if out is not None:
+        write_h5ad_atomic(result, out)
+    return result
+
+
+def write_h5ad_atomic(adata, out: Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial.h5ad")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def plot_embedding(adata, key: str | None, path: str | Path, *, basis: str = EMBEDDING_KEY) -> str:
+    """Scatter plot of the embedding coloured by ``obs[key]``: UMAP when scanpy is installed, else the first
+    two principal components (NumPy SVD). Returns the method used ("umap" or "pca")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.asarray(adata.obsm[basis], np.float64)
+    if key is not None and key not in adata.obs:
+        raise InputError(
+            f"--plot {key}: no such obs column; available: {', '.join(adata.obs.columns) or 'none'}"
+        )
+    try:
+        import scanpy as sc
+
+        view = adata.copy()
+        sc.pp.neighbors(view, use_rep=basis)
+        sc.tl.umap(view)
+        xy, method = view.obsm["X_umap"], "umap"
+    except ImportError:
+        centred = x - x.mean(0)
+        u, s, _ = np.linalg.svd(centred, full_matrices=False)
+        xy, method = u[:, :2] * s[:2], "pca"
+    fig, ax = plt.subplots(figsize=(7, 6))
+    if key is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=3)
+    else:
+        labels = adata.obs[key].astype(str).to_numpy()
+        for label in sorted(set(labels)):
+            chosen = labels == label
+            ax.scatter(xy[chosen, 0], xy[chosen, 1], s=3, label=f"{label} ({chosen.sum()})")
+        ax.legend(markerscale=4, fontsize=7, loc="best")
+    ax.set_xlabel(f"{method.upper()} 1")
+    ax.set_ylabel(f"{method.upper()} 2")
+    ax.set_title(f"GeneCompass cell embeddings ({method.upper()})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return method
