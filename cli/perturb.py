@@ -152,8 +152,8 @@ def run(
     for row in summary["results"]:
         fdr = "-" if row["fdr"] is None else f"{row['fdr']:.3g}"
         console.print(
-            f"{row['perturbation']} → {row['state']}: shift {row['mean_shift']:+.4f} (random "
-            f"{row['null_mean_shift']:+.4f}) · FDR {fdr} · {row['n_cells']} cells, {row['n_skipped']} skipped"
+            f"{row['perturbation']} → {row['state']}: shift {row['mean_shift']:+.3g} (random "
+            f"{row['null_mean_shift']:+.3g}) · FDR {fdr} · {row['n_cells']} cells, {row['n_skipped']} skipped"
         )
     console.print(f"written: {out}/cells.parquet, summary.json, summary.csv, shifts.png")
 

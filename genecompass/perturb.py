@@ -251,8 +251,10 @@ def load_model(run: str | Path, *, knowledge_dir: str | Path | None = None, devi
     import torch
 
     from .model import GeneCompassModel
+    from .run import quiet_transformers
 
-    model = GeneCompassModel.from_pretrained(model_directory(run), knowledge_dir=knowledge_dir)
+    with quiet_transformers():  # the pre-training heads an encoder does not load are expected
+        model = GeneCompassModel.from_pretrained(model_directory(run), knowledge_dir=knowledge_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
 
