@@ -43,9 +43,10 @@ def gc_tokens_per_s(corpus: Path, out: Path, steps: int, max_tokens: int) -> dic
     pretrain(corpus, config, out)
     with open(out / "train_log.csv") as handle:
         rows = list(csv.DictReader(handle))
-    timed = rows[2:]  # steps 1-2: warm-up
-    tokens = sum(int(r["tokens"]) for r in timed)
-    seconds = float(timed[-1]["elapsed"]) - float(rows[1]["elapsed"])
+    # The log's tokens and elapsed are cumulative; steps 1-2 are warm-up.
+    timed = rows[2:]
+    tokens = int(rows[-1]["tokens"]) - int(rows[1]["tokens"])
+    seconds = float(rows[-1]["elapsed"]) - float(rows[1]["elapsed"])
     return {
         "steps_timed": len(timed),
         "real_tokens": tokens,

@@ -124,26 +124,9 @@ class TokenStream:
         return frame
 
     def chunks(self) -> Iterator[tuple[int, CellTokens]]:
-        from . import _rust
-        from .tokenize import _call_rust
+        from .tokenize import iter_tokenized
 
-        item, options = self.item, self.options
-        for chunk in item.source.iter_chunks(options.chunk_size):
-            offsets, genes, values, _, _ = _call_rust(
-                item.path,
-                chunk,
-                _rust.tokenize_chunk,
-                chunk.indptr,
-                chunk.indices,
-                chunk.data,
-                item.gene_map.col_token,
-                self.medians.values,
-                options.top_k,
-                options.library_size,
-                options.target_sum,
-                options.allow_non_integer,
-                options.threads,
-            )
+        for chunk, offsets, genes, values, _ in iter_tokenized(self.item, self.medians, self.options):
             n = chunk.stop - chunk.start
             yield (
                 chunk.start,

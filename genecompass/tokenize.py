@@ -222,12 +222,36 @@ def _call_rust(path: Path, chunk, function, *args):
         ) from None
 
 
+def iter_tokenized(item: _Input, medians: Medians, options: TokenizeOptions):
+    """Tokenise the cells of ``item`` in Rust, one chunk at a time.
+
+    Yields (chunk, offsets, genes, values, n_expressed) per chunk.
+    """
+    from . import _rust
+
+    for chunk in item.source.iter_chunks(options.chunk_size, item.start, item.stop):
+        offsets, genes, values, n_expressed, _ = _call_rust(
+            item.path,
+            chunk,
+            _rust.tokenize_chunk,
+            chunk.indptr,
+            chunk.indices,
+            chunk.data,
+            item.gene_map.col_token,
+            medians.values,
+            options.top_k,
+            options.library_size,
+            options.target_sum,
+            options.allow_non_integer,
+            options.threads,
+        )
+        yield chunk, offsets, genes, values, n_expressed
+
+
 def _tokenize_part(
     item: _Input, part: Path, attrs: dict, medians: Medians, options, on_cells: Callable[[int], None]
 ) -> None:
     """Tokenise one input's slice into its own store; ``on_cells(n)`` is told of every chunk read."""
-    from . import _rust
-
     obs = _read_obs(item, options.obs_keys)
     species_code = 0 if item.gene_map.species == "human" else 1
     written = 0
@@ -240,22 +264,7 @@ def _tokenize_part(
         ThreadPoolExecutor(max_workers=1) as background,
     ):
         pending: deque = deque()
-        for chunk in item.source.iter_chunks(options.chunk_size, item.start, item.stop):
-            offsets, genes, values, n_expressed, _ = _call_rust(
-                item.path,
-                chunk,
-                _rust.tokenize_chunk,
-                chunk.indptr,
-                chunk.indices,
-                chunk.data,
-                item.gene_map.col_token,
-                medians.values,
-                options.top_k,
-                options.library_size,
-                options.target_sum,
-                options.allow_non_integer,
-                options.threads,
-            )
+        for chunk, offsets, genes, values, n_expressed in iter_tokenized(item, medians, options):
             lengths = np.diff(offsets)
             rows = slice(chunk.start - item.start, chunk.stop - item.start)
             keep = (

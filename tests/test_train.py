@@ -297,11 +297,11 @@ def assert_matches_reference(out: Path, reference: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_ranks_under_torchrun_match_one_process(tmp_path, synthetic, single_process_reference):
+def test_two_ranks_under_torchrun_with_zero2_match_one_process(tmp_path, synthetic, single_process_reference):
     launcher = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
     out = tmp_path / "torchrun"
     check(
-        run_worker(launcher, synthetic, out, {"max_steps": 4, "zero_stage": 1, "model_overrides": NO_DROPOUT})
+        run_worker(launcher, synthetic, out, {"max_steps": 4, "zero_stage": 2, "model_overrides": NO_DROPOUT})
     )
     assert_matches_reference(out, single_process_reference)
 
