@@ -74,7 +74,7 @@ class GeneRecord:
     shared_with_human: bool  # a mouse gene whose token is its one-to-one human ortholog's token
 
 
-def _bundle_hash(contents: dict[str, bytes]) -> str:
+def bundle_hash(contents: dict[str, bytes]) -> str:
     """sha256 over (name, NUL, length, NUL, uncompressed bytes) of each data file, in DATA_FILES order.
 
     Over the *uncompressed* content, so that a rebuild with another zlib gives the same identity."""
@@ -408,7 +408,7 @@ def _load(root, where: str) -> GeneReference:
             contents[name] = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as exc:
             raise FormatError(f"{where}/{name}: not a valid gzip file ({exc})") from exc
-    actual_hash = _bundle_hash(contents)
+    actual_hash = bundle_hash(contents)
     if actual_hash != manifest.get("hash"):
         raise FormatError(f"{where}/manifest.json: bundle hash {manifest.get('hash')!r} does not match the "
                           f"files' content ({actual_hash!r}); rebuild with "

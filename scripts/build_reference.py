@@ -43,26 +43,19 @@ from pathlib import Path
 
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The bundle's layout and identity are defined once, by the reader.
+from genecompass.reference import DATA_FILES, FORMAT, FORMAT_VERSION, bundle_hash  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "genecompass" / "reference_data"
 
-FORMAT = "gc-reference"
-FORMAT_VERSION = 1
 # The paper's vocabulary: protein-coding genes, lncRNAs and miRNAs.
 CORE_BIOTYPES = ("protein_coding", "lncRNA", "miRNA")
 # Which gene wins a duplicated official symbol (e.g. two GENCODE genes named "PINX1"): a gene in the
 # vocabulary first, then by this biotype order, then the smaller Ensembl ID.
 BIOTYPE_RANK = {"protein_coding": 0, "lncRNA": 1, "miRNA": 2}
 SPECIAL_TOKENS = (("<pad>", "special"), ("<mask>", "special"), ("<human>", "species"), ("<mouse>", "species"))
-# Files covered by the bundle hash, in hashing order.
-DATA_FILES = (
-    "vocab.tsv.gz",
-    "genes_human.tsv.gz",
-    "genes_mouse.tsv.gz",
-    "aliases_human.tsv.gz",
-    "aliases_mouse.tsv.gz",
-    "orthologs.tsv.gz",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,16 +382,6 @@ def gzip_bytes(content: bytes) -> bytes:
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
         gz.write(content)
     return buf.getvalue()
-
-
-def bundle_hash(contents: dict[str, bytes]) -> str:
-    """Must match genecompass.reference._bundle_hash."""
-    h = hashlib.sha256()
-    for name in DATA_FILES:
-        data = contents[name]
-        h.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0")
-        h.update(data)
-    return "ref-" + h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------- main
