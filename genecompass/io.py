@@ -355,16 +355,17 @@ class CountSource:
             )
         if id_type == "ensembl":
             gene_ids: list[str | None] = list(names)
-            tokens = np.asarray(ref.tokens_for_ids(names, species), dtype=np.int64)
             other = [i for i, n in enumerate(names) if not _ENSEMBL_RE.match(n)]
             if other:  # a few symbols among Ensembl ids (some pipelines fall back to them): map as symbols
                 other_names = [names[i] for i in other]
                 for i, g in zip(other, ref.gene_ids_for_symbols(other_names, species), strict=True):
                     gene_ids[i] = g
-                tokens[other] = np.asarray(ref.tokens_for_symbols(other_names, species), dtype=np.int64)
         else:
             gene_ids = list(ref.gene_ids_for_symbols(names, species))
-            tokens = np.asarray(ref.tokens_for_symbols(names, species), dtype=np.int64)
+        # Every column resolved to an Ensembl id ("" = unmapped) once; tokens, mito flags and biotypes are
+        # then looked up for that one list (the reference resolves it to table positions only once).
+        resolved = [g if g is not None else "" for g in gene_ids]
+        tokens = np.asarray(ref.tokens_for_ids(resolved, species), dtype=np.int64)
         in_vocab = tokens >= 0
         col_token = np.where(in_vocab, tokens, NOT_IN_VOCAB).astype(np.uint32)
         n_in_vocab = int(in_vocab.sum())
@@ -376,7 +377,6 @@ class CountSource:
                 "or gene symbols. If the species is wrong, pass --species."
             )
 
-        resolved = [g if g is not None else "" for g in gene_ids]
         is_mito = np.asarray(ref.mito_mask_for_ids(resolved, species), dtype=bool)
         symbols = (
             self.gene_symbols if self.gene_symbols is not None else (names if id_type == "symbol" else None)
@@ -430,7 +430,23 @@ def _read_strings(node: Any) -> np.ndarray:
 def _read_df_column(group: Any, key: str) -> Any:
     """One column (or the index) of an AnnData dataframe group, any anndata version."""
     node = group[key]
-    if _attr(node, "encoding-type") is not None:
+    encoding = _attr(node, "encoding-type")
+    if encoding is not None and type(node).__module__.startswith("h5py"):
+        # The common encodings are read with h5py directly (importing anndata costs ~0.3 s at start-up).
+        if encoding == "string-array":
+            return _read_strings(node)
+        if encoding == "array" and node.dtype.kind not in "OSU":
+            return np.asarray(node[()])
+        if encoding == "categorical" and "codes" in node and "categories" in node:
+            categories = node["categories"]
+            if _attr(categories, "encoding-type") == "string-array" or categories.dtype.kind not in "OSU":
+                values = _read_strings(categories) if categories.dtype.kind in "OSU" else categories[()]
+                return pd.Categorical.from_codes(
+                    np.asarray(node["codes"][()]).astype(np.int64),
+                    pd.Index(values),
+                    ordered=bool(node.attrs.get("ordered", False)),
+                )
+    if encoding is not None:
         try:
             from anndata.io import read_elem
         except ImportError:  # anndata < 0.11

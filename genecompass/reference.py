@@ -107,8 +107,22 @@ def _check_species(species: str) -> str:
 
 
 def _strip_versions(ids: Sequence[str]) -> pd.Index:
-    return pd.Index(pd.Series(np.asarray(ids, dtype=object), dtype=object).astype(str).str.strip()
-                    .str.replace(_VERSION_SUFFIX_RE, "", regex=True))
+    values = [str(g).strip() for g in ids]
+    if any("." in v or "_" in v for v in values):  # the regex only where a version suffix can be
+        return pd.Index(pd.Series(values, dtype=object).str.replace(_VERSION_SUFFIX_RE, "", regex=True))
+    return pd.Index(values, dtype=object)
+
+
+class _PerSpecies(dict):
+    """species -> a table built by ``build(species)`` on first access, then kept."""
+
+    def __init__(self, build):
+        super().__init__()
+        self._build = build
+
+    def __missing__(self, species: str):
+        value = self[species] = self._build(_check_species(species))
+        return value
 
 
 class GeneReference:
@@ -139,10 +153,11 @@ class GeneReference:
             df[col] = _empty_to_none(df[col])
         return df.set_index("token_id")
 
+    # Every table is built per species on first use (a human-only input never parses the mouse tables).
+
     @functools.cached_property
-    def _genes(self) -> dict[str, pd.DataFrame]:
-        out = {}
-        for species in SPECIES:
+    def _genes(self) -> _PerSpecies:
+        def build(species: str) -> pd.DataFrame:
             df = _read_tsv(self._contents[f"genes_{species}.tsv.gz"],
                            ints=("token_id", "is_mito", "symbol_primary"))
             df["is_mito"] = df["is_mito"].astype(bool)
@@ -150,29 +165,49 @@ class GeneReference:
             for col in ("ortholog_type", "human_gene_id"):
                 if col in df:
                     df[col] = _empty_to_none(df[col])
-            out[species] = df.set_index("gene_id")
-        return out
+            return df.set_index("gene_id")
+
+        return _PerSpecies(build)
 
     @functools.cached_property
-    def _aliases(self) -> dict[str, dict[str, Any]]:
+    def _alias_table(self) -> _PerSpecies:
+        return _PerSpecies(lambda species: _read_tsv(self._contents[f"aliases_{species}.tsv.gz"]))
+
+    @functools.cached_property
+    def _aliases(self) -> _PerSpecies:
         """Per species: "upper": alias.upper() -> gene_id (the builder made these unambiguous), and
         "exact": the set of aliases as written (for species detection)."""
-        out = {}
-        for species in SPECIES:
-            df = _read_tsv(self._contents[f"aliases_{species}.tsv.gz"])
-            out[species] = {
+        def build(species: str) -> dict[str, Any]:
+            df = self._alias_table[species]
+            return {
                 "upper": dict(zip(df["alias"].str.upper(), df["gene_id"], strict=True)),
-                "exact": frozenset(df["alias"]),
+                "exact": self._alias_names[species],
             }
-        return out
+
+        return _PerSpecies(build)
 
     @functools.cached_property
-    def _symbols(self) -> dict[str, dict[str, Any]]:
+    def _alias_names(self) -> _PerSpecies:
+        """Per species: the set of aliases as written (species detection needs only this)."""
+        return _PerSpecies(lambda species: frozenset(self._alias_table[species]["alias"]))
+
+    @functools.cached_property
+    def _symbol_names(self) -> _PerSpecies:
+        """Per species: the set of official (primary) symbols, the keys of ``_symbols[species]["exact"]``."""
+        def build(species: str) -> frozenset:
+            g = self._genes[species]
+            symbols = g["symbol"].to_numpy()
+            named = (symbols != g.index.to_numpy()) & g["symbol_primary"].to_numpy()
+            return frozenset(symbols[named].tolist())
+
+        return _PerSpecies(build)
+
+    @functools.cached_property
+    def _symbols(self) -> _PerSpecies:
         """Per species: "exact": symbol -> primary gene; "dups": symbol -> all its genes, primary first (only
         symbols carried by several genes); "upper": symbol.upper() -> primary gene where that is unique;
         "upper_multi": symbol.upper() -> primary genes where several symbols differ only in case."""
-        out = {}
-        for species in SPECIES:
+        def build(species: str) -> dict[str, Any]:
             g = self._genes[species]
             named = g[g["symbol"].to_numpy() != g.index.to_numpy()]
             primary = named[named["symbol_primary"].to_numpy()]
@@ -184,13 +219,14 @@ class GeneReference:
             upper = pd.Series(gene_ids, index=pd.Index(symbols).str.upper())
             collide = upper.index.duplicated(keep=False)
             upper_multi = {key: list(ids) for key, ids in upper[collide].groupby(level=0).agg(list).items()}
-            out[species] = {
+            return {
                 "exact": dict(zip(symbols, gene_ids, strict=True)),
                 "dups": dups,
                 "upper": dict(zip(upper.index[~collide], upper.to_numpy()[~collide], strict=True)),
                 "upper_multi": upper_multi,
             }
-        return out
+
+        return _PerSpecies(build)
 
     def _symbol_genes(self, symbol: str, species: str) -> list[str]:
         syms = self._symbols[species]
@@ -302,7 +338,15 @@ class GeneReference:
         table = self._genes[_check_species(species)]
         if len(gene_ids) == 0:
             return np.empty(0, dtype=np.int64)
-        return table.index.get_indexer(_strip_versions(gene_ids).str.upper())
+        # Mapping one gene list asks for tokens, mito flags and biotypes in turn: resolve it once.
+        key = (species, tuple(gene_ids))
+        cached = self.__dict__.get("_last_positions")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        positions = table.index.get_indexer(_strip_versions(gene_ids).str.upper())
+        positions.setflags(write=False)
+        self.__dict__["_last_positions"] = (key, positions)
+        return positions
 
     def tokens_for_ids(self, gene_ids: Sequence[str], species: str) -> np.ndarray:
         """Token ids (int64) for Ensembl IDs (versions stripped); -1 where not in the vocabulary."""
@@ -453,7 +497,7 @@ def detect_gene_ids(ids: Sequence[str], reference: GeneReference | None = None) 
     ref = reference if reference is not None else load_reference()
     fractions = {}
     for species in SPECIES:
-        symbols, aliases = ref._symbols[species]["exact"], ref._aliases[species]["exact"]
+        symbols, aliases = ref._symbol_names[species], ref._alias_names[species]
         fractions[species] = sum(1 for v in values if v in symbols or v in aliases) / len(values)
     best = max(SPECIES, key=lambda s: fractions[s])
     other = "mouse" if best == "human" else "human"
