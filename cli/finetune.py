@@ -1,4 +1,5 @@
-"""`gc finetune celltype` (cell-type classifier on the species-token output) and `gc predict`."""
+"""`gc finetune celltype` (cell-type classifier on the species-token output), `gc finetune gene-class`
+(token-level gene classifier, cross-validated by gene) and `gc predict`."""
 
 from __future__ import annotations
 
@@ -82,6 +83,95 @@ def celltype(
         f"test ({metrics['split']['n_test']} cells): macro-F1 {metrics['macro_f1']:.3f} · accuracy "
         f"{metrics['accuracy']:.3f} · majority-class rate {metrics['majority_class_rate']:.3f} "
         f"(best epoch {metrics['best_epoch']}) → {out}"
+    )
+
+
+@finetune_app.command("gene-class")
+def gene_class(
+    model: Path = typer.Option(..., "--model", help="A run directory from `gc pretrain` (or its model/)."),
+    corpus: Path = typer.Option(
+        ..., "--corpus", help="A tokenised corpus (`gc tokenize`) whose cells are used."
+    ),
+    labels: Path = typer.Option(
+        ...,
+        "--labels",
+        help="Gene labels: TSV 'gene<TAB>label' (label 1/0, true/false, yes/no; optional header), or one "
+        "gene per line (positives) with --negatives rest-expressed. Symbols, aliases or Ensembl IDs, human "
+        "or mouse.",
+    ),
+    out: Path = typer.Option(..., "--out", help="Output directory: metrics.json, roc.png, scores.tsv."),
+    negatives: str = typer.Option(
+        "labels",
+        "--negatives",
+        help="labels: negatives are the file's label-0 genes; rest-expressed: every other gene expressed in "
+        "the cells used is a negative.",
+    ),
+    folds: int = typer.Option(5, "--folds", min=2, help="Cross-validation folds, split by gene."),
+    max_cells: int | None = typer.Option(
+        None, "--max-cells", min=1, help="Use at most this many corpus cells (drawn at random, seeded)."
+    ),
+    freeze_layers: int = typer.Option(
+        0, "--freeze-layers", min=0, help="Freeze the input embedding and the first N encoder layers."
+    ),
+    epochs: int = typer.Option(2, "--epochs", min=1, help="Passes over the training cells, per fold."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up then linear decay)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Cells per optimizer step."),
+    max_length: int | None = typer.Option(
+        None, "--max-length", min=2, help="Tokens per cell incl. the species token (default: the run's)."
+    ),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for the folds, cell sampling, shuffling, heads."),
+    overwrite: bool = OverwriteOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Classify genes (e.g. dosage-sensitive vs not, TF vs other) with a token-level head on the pre-trained
+    encoder, by k-fold cross-validation split by gene: ROC AUC per fold, out-of-fold score per gene.
+
+    Example: gc finetune gene-class --model runs/tiny --corpus pbmc3k.zarr --labels tfs.txt
+    --negatives rest-expressed --folds 5 --out tf_vs_rest/
+
+    (tfs.txt: one gene per line, e.g. the Lambert 2018 human TFs from `python scripts/fetch_tf_list.py`.
+    A labelled file instead: lines like 'TP53<TAB>1' and 'ACTB<TAB>0', with the default --negatives labels.)
+    """
+    from genecompass.finetune import FinetuneOptions, finetune_gene_class
+
+    existing_paths([model, corpus, labels])
+    options = FinetuneOptions(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        freeze_layers=freeze_layers,
+        max_length=max_length,
+        seed=seed,
+    )
+
+    def report(fold: int, total: int, row: dict) -> None:
+        if not as_json:
+            err_console.print(
+                f"fold {fold}/{total}: AUC {row['auc']:.3f} on {row['n_test_genes']} genes "
+                f"({row['n_test_positive']} positive) · train loss {row['train_loss'][-1]:.4f}"
+            )
+
+    metrics = finetune_gene_class(
+        corpus,
+        model,
+        labels=labels,
+        out=out,
+        negatives=negatives,
+        folds=folds,
+        max_cells=max_cells,
+        options=options,
+        overwrite=overwrite,
+        progress=report,
+    )
+    if as_json:
+        print_json(metrics)
+        return
+    auc = metrics["auc"]
+    console.print(
+        f"{metrics['n_positive']} positive vs {metrics['n_negative']} negative genes in "
+        f"{metrics['n_cells']:,} cells: ROC AUC {auc['mean']:.3f} ± {auc['sd']:.3f} over {folds} folds "
+        f"({', '.join(f'{a:.3f}' for a in auc['per_fold'])}); expressing-cell-count baseline "
+        f"{metrics['baseline_n_cells_auc']['mean']:.3f} → {out}"
     )
 
 
