@@ -14,7 +14,12 @@ def embed(
         ..., help="Raw counts: .h5ad, 10x .h5 or matrix directory, AnnData .zarr, .loom."
     ),
     model: Path = typer.Option(..., "--model", help="A run directory from `gc pretrain` (or its model/)."),
-    out: Path = typer.Option(..., "--out", help="Output .h5ad: obs of the input + obsm['X_genecompass']."),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Output .h5ad, or .zarr (an AnnData zarr store written chunk by chunk as cells are embedded, "
+        "so memory stays flat): obs of the input + obsm['X_genecompass'].",
+    ),
     pool: str = typer.Option(
         "species",
         "--pool",
@@ -46,18 +51,20 @@ def embed(
     in length-sorted batches, and written in input order; no cell is dropped or subsampled.
 
     Example: gc embed --model runs/tiny data/pbmc3k.h5ad --out pbmc3k_emb.h5ad --plot cell_type
+
+    Example (streamed to an AnnData zarr store; read it with anndata.read_zarr): gc embed --model runs/tiny
+    big.h5ad --out big_emb.zarr
     """
     from genecompass.embed import embed as run_embed
-    from genecompass.embed import plot_embedding
+    from genecompass.embed import embed_to_zarr, is_zarr_path, plot_embedding
     from genecompass.errors import InputError
 
     existing_paths([data, model])
     if pool not in ("species", "mean"):
         raise InputError(f"--pool must be species or mean, not {pool!r}")
+    streamed = is_zarr_path(out)
     with progress_bar("embed") as update:
-        result = run_embed(
-            data,
-            model,
+        arguments = dict(
             pool=pool,
             genes=genes,
             batch_size=batch_size,
@@ -66,17 +73,25 @@ def embed(
             overwrite=overwrite,
             progress=update,
         )
-    summary = {
-        "out": str(out),
-        "n_cells": int(result.n_obs),
-        "embedding_shape": list(result.obsm["X_genecompass"].shape),
-        **{k: v for k, v in result.uns["genecompass"].items() if k != "n_cells"},
-    }
-    if genes:
-        summary["n_genes_embedded"] = int(len(result.uns["genecompass_genes"]["token_id"]))
+        if streamed:
+            summary = embed_to_zarr(data, model, **arguments)
+            result = None
+        else:
+            result = run_embed(data, model, **arguments)
+            summary = {
+                "out": str(out),
+                "embedding_shape": list(result.obsm["X_genecompass"].shape),
+                **result.uns["genecompass"],
+            }
+            if genes:
+                summary["n_genes_embedded"] = int(len(result.uns["genecompass_genes"]["token_id"]))
     if plot is not None:
         png = out.with_suffix(".png")
         summary["plot"] = str(png)
+        if result is None:
+            import anndata as ad
+
+            result = ad.read_zarr(out)
         summary["plot_method"] = plot_embedding(result, plot, png)
     if as_json:
         print_json(summary)

@@ -13,8 +13,10 @@ in ``uns["genecompass"]["n_empty_cells"]``). Nothing is subsampled.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,9 @@ Progress = Callable[[int, int], None]
 POOLS = ("species", "mean")
 EMBEDDING_KEY = "X_genecompass"
 GENES_KEY = "genecompass_genes"
+# Zarr format of AnnData stores written by gc embed: 2 is what anndata 0.12 writes by default and what every
+# anndata version reads (anndata's v3 writer warns that its sharding defaults are about to change).
+ZARR_FORMAT = 2
 
 
 @dataclass
@@ -269,6 +274,81 @@ def embed_tokens(
     return out
 
 
+def _embed_stream(
+    stream: TokenStream, run, write: Callable, *, pool, genes, batch_size, max_tokens, progress
+):
+    """Embed every cell of ``stream`` one input chunk at a time, handing each chunk's embeddings (n, H)
+    float32 to ``write(start, block)`` in input order. Returns the uns entries: ``genecompass``
+    (provenance) and, with ``genes``, ``genecompass_genes``."""
+    accumulator = GeneAccumulator(stream.tokens, run.model.config.hidden_size) if genes else None
+    total, done, n_empty = stream.n_cells, 0, 0
+
+    def on_batch(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    for start, tokens in stream.chunks():
+        n_empty += int((np.diff(tokens.offsets) == 0).sum())
+        write(
+            start,
+            embed_tokens(
+                run.model,
+                tokens,
+                pool=pool,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                genes=accumulator,
+                on_batch=on_batch,
+            ),
+        )
+    uns = {"genecompass": _provenance(run, pool=pool, batch_size=batch_size, n_cells=total, n_empty=n_empty)}
+    if accumulator is not None:
+        uns[GENES_KEY] = _gene_table(accumulator, stream.reference)
+    return uns
+
+
+def _provenance(run, *, pool: str, batch_size: int, n_cells: int, n_empty: int) -> dict:
+    return {
+        "run": str(run.path),
+        "reference_hash": run.reference_hash,
+        "medians_hash": run.medians_hash,
+        "pool": pool,
+        "max_length": int(run.max_length),
+        "batch_size": int(batch_size),
+        "n_cells": int(n_cells),
+        "n_empty_cells": int(n_empty),
+    }
+
+
+def _gene_table(accumulator: GeneAccumulator, reference) -> dict[str, np.ndarray]:
+    table = accumulator.result()
+    table["gene_id"] = np.array(
+        [reference.gene_id_of_token(t, None) or "" for t in table["token_id"]], dtype=str
+    )
+    table["symbol"] = np.array([reference.symbol_of_token(t) or "" for t in table["token_id"]], dtype=str)
+    return table
+
+
+def _prepare(out, overwrite: bool, run, pool: str):
+    from .corpus import check_output_path
+    from .run import LoadedRun, load_run
+
+    if pool not in POOLS:
+        raise InputError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
+    if out is not None:
+        out = Path(out)
+        check_output_path(out, overwrite)
+    if not isinstance(run, LoadedRun):
+        run = load_run(run)
+    return out, run
+
+
+def is_zarr_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".zarr"
+
+
 def embed(
     data,
     run,
@@ -298,72 +378,164 @@ def embed(
       every cell expressing the gene among its top genes: ``token_id`` int64 (G,), ``gene_id`` and
       ``symbol`` str (G,), ``embedding`` float32 (G, hidden), ``n_cells`` int64 (G,).
 
-    With ``out``, also writes the result as h5ad atomically (temporary name, then rename), refusing an
-    existing file unless ``overwrite``.
+    With ``out``, also writes the result atomically (temporary name, then rename), refusing an existing
+    output unless ``overwrite``: h5ad, or an AnnData zarr store when ``out`` ends in ``.zarr``. For a path
+    input and a ``.zarr`` output the embeddings are streamed to the store chunk by chunk (see
+    ``embed_to_zarr``, which returns only the provenance and keeps memory flat) and the store is read back.
     """
     import anndata as ad
     import pandas as pd
 
-    from .corpus import check_output_path
-    from .run import LoadedRun, load_run
-
-    if pool not in POOLS:
-        raise InputError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
-    if out is not None:
-        out = Path(out)
-        check_output_path(out, overwrite)
-    if not isinstance(run, LoadedRun):
-        run = load_run(run)
+    out, run = _prepare(out, overwrite, run, pool)
+    if out is not None and is_zarr_path(out) and isinstance(data, (str, Path)):
+        embed_to_zarr(
+            data,
+            run,
+            out=out,
+            pool=pool,
+            genes=genes,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            chunk_size=chunk_size,
+            layer=layer,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        return ad.read_zarr(out)
     hidden = run.model.config.hidden_size
     with TokenStream(data, run, chunk_size=chunk_size, layer=layer) as stream:
-        total, done = stream.n_cells, 0
-        accumulator = GeneAccumulator(stream.tokens, hidden) if genes else None
-        embeddings = np.zeros((total, hidden), np.float32)
-        n_empty = 0
+        embeddings = np.zeros((stream.n_cells, hidden), np.float32)
 
-        def on_batch(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(done, total)
+        def write(start: int, block: np.ndarray) -> None:
+            embeddings[start : start + len(block)] = block
 
-        for start, tokens in stream.chunks():
-            n_empty += int((np.diff(tokens.offsets) == 0).sum())
-            embeddings[start : start + tokens.n_cells] = embed_tokens(
-                run.model,
-                tokens,
-                pool=pool,
-                batch_size=batch_size,
-                max_tokens=max_tokens,
-                genes=accumulator,
-                on_batch=on_batch,
-            )
+        uns = _embed_stream(
+            stream,
+            run,
+            write,
+            pool=pool,
+            genes=genes,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            progress=progress,
+        )
         if isinstance(data, (str, Path)):
             result = ad.AnnData(obs=stream.obs, var=pd.DataFrame(index=pd.Index([], dtype=str)))
         else:
             result = data
-        reference = stream.reference
     result.obsm[EMBEDDING_KEY] = embeddings
-    result.uns["genecompass"] = {
-        "run": str(run.path),
-        "reference_hash": run.reference_hash,
-        "medians_hash": run.medians_hash,
-        "pool": pool,
-        "max_length": int(run.max_length),
-        "batch_size": int(batch_size),
-        "n_cells": int(total),
-        "n_empty_cells": int(n_empty),
-    }
-    if accumulator is not None:
-        table = accumulator.result()
-        table["gene_id"] = np.array(
-            [reference.gene_id_of_token(t, None) or "" for t in table["token_id"]], dtype=str
-        )
-        table["symbol"] = np.array([reference.symbol_of_token(t) or "" for t in table["token_id"]], dtype=str)
-        result.uns[GENES_KEY] = table
+    result.uns.update(uns)
     if out is not None:
-        write_h5ad_atomic(result, out)
+        (write_zarr_atomic if is_zarr_path(out) else write_h5ad_atomic)(result, out)
     return result
+
+
+def embed_to_zarr(
+    data,
+    run,
+    *,
+    out: str | Path,
+    pool: str = "species",
+    genes: bool = False,
+    batch_size: int = 64,
+    max_tokens: int | None = None,
+    chunk_size: int = 4096,
+    layer: str | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Embed every cell of ``data`` straight into an AnnData zarr store at ``out``, one input chunk at a time:
+    memory holds one chunk's embeddings, never the whole matrix.
+
+    The store holds what ``embed(data, run, out="x.h5ad")`` writes for a path input: the input's obs, no
+    genes, ``obsm["X_genecompass"]`` (zarr chunks of ``chunk_size`` cells), ``uns["genecompass"]`` and, with
+    ``genes``, ``uns["genecompass_genes"]``; ``anndata.read_zarr(out)`` opens it. It is written under a
+    temporary name and renamed when whole; an existing ``out`` needs ``overwrite``. Returns
+    ``uns["genecompass"]`` plus ``out``, ``embedding_shape`` and (with ``genes``) ``n_genes_embedded``."""
+    out, run = _prepare(out, overwrite, run, pool)
+    hidden = run.model.config.hidden_size
+    with TokenStream(data, run, chunk_size=chunk_size, layer=layer) as stream:
+        writer = ZarrEmbeddingWriter(out, stream.obs, stream.n_cells, hidden, chunk_rows=chunk_size)
+        try:
+            uns = _embed_stream(
+                stream,
+                run,
+                writer.write,
+                pool=pool,
+                genes=genes,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                progress=progress,
+            )
+            writer.finish(uns)
+        except BaseException:
+            writer.abort()
+            raise
+    summary = {"out": str(out), "embedding_shape": [stream.n_cells, hidden], **uns["genecompass"]}
+    if genes:
+        summary["n_genes_embedded"] = int(len(uns[GENES_KEY]["token_id"]))
+    return summary
+
+
+class ZarrEmbeddingWriter:
+    """An AnnData zarr store filled incrementally: obs (and an empty var) first, then
+    ``obsm["X_genecompass"]`` rows as they come, uns at the end; written under a temporary sibling name and
+    renamed onto ``out`` by ``finish`` (after re-consolidating the metadata anndata reads)."""
+
+    def __init__(self, out: Path, obs, n_cells: int, hidden: int, *, chunk_rows: int):
+        import anndata as ad
+        import pandas as pd
+        import zarr
+
+        from .corpus import remove_path
+
+        self.out = Path(out)
+        self.tmp = self.out.with_name(f".{self.out.name}.partial")
+        remove_path(self.tmp)
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        skeleton = ad.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index([], dtype=str)))
+        with _zarr_v2_writes():
+            skeleton.write_zarr(self.tmp)  # obs, var and the empty groups, with anndata's encodings
+        self.root = zarr.open_group(self.tmp, mode="r+", use_consolidated=False)
+        self.array = self.root["obsm"].create_array(
+            EMBEDDING_KEY,
+            shape=(n_cells, hidden),
+            chunks=(max(1, min(chunk_rows, n_cells)), hidden),
+            dtype="float32",
+        )
+        self.array.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        self.array[start : start + len(block)] = block
+
+    def finish(self, uns: dict) -> Path:
+        import zarr
+        from anndata.io import write_elem
+
+        from .corpus import remove_path
+
+        with _zarr_v2_writes():
+            for key, value in uns.items():
+                write_elem(self.root["uns"], key, value)
+        zarr.consolidate_metadata(str(self.tmp))
+        remove_path(self.out)  # the caller checked --overwrite
+        os.replace(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        from .corpus import remove_path
+
+        remove_path(self.tmp)
+
+
+@contextlib.contextmanager
+def _zarr_v2_writes():
+    """anndata writes zarr format ``ZARR_FORMAT`` inside, without its notice that v3 becomes the default."""
+    import anndata as ad
+
+    with warnings.catch_warnings(), ad.settings.override(zarr_write_format=ZARR_FORMAT):
+        warnings.filterwarnings("ignore", message="Writing zarr v2 data", category=UserWarning)
+        yield
 
 
 def write_h5ad_atomic(adata, out: Path) -> Path:
@@ -376,6 +548,23 @@ def write_h5ad_atomic(adata, out: Path) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+    return out
+
+
+def write_zarr_atomic(adata, out: Path) -> Path:
+    from .corpus import remove_path
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    remove_path(tmp)
+    try:
+        with _zarr_v2_writes():
+            adata.write_zarr(tmp)
+        remove_path(out)
+        os.replace(tmp, out)
+    finally:
+        remove_path(tmp)
     return out
 
 

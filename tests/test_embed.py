@@ -110,6 +110,48 @@ def test_gc_embed_writes_an_h5ad_with_embeddings_and_a_plot(tiny_run, cells_h5ad
     assert not list(tmp_path.glob(".*partial*"))
 
 
+def test_zarr_output_is_streamed_and_equals_the_h5ad_output(tiny_run, cells_h5ad, tmp_path, monkeypatch):
+    import anndata as ad
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from genecompass import embed as embed_module
+
+    written = []
+    original = embed_module.ZarrEmbeddingWriter.write
+
+    def spy(self, start, block):
+        assert self.tmp.is_dir()  # written under a temporary name, renamed when whole
+        written.append((start, len(block)))
+        original(self, start, block)
+
+    monkeypatch.setattr(embed_module.ZarrEmbeddingWriter, "write", spy)
+    zarr_path, h5ad_path = tmp_path / "emb.zarr", tmp_path / "emb.h5ad"
+    summary = embed_module.embed_to_zarr(cells_h5ad, tiny_run, out=zarr_path, genes=True, chunk_size=128)
+    assert written == [(0, 128), (128, 128), (256, 44)]  # one input chunk at a time, in order
+    assert zarr_path.is_dir() and not list(tmp_path.glob(".*partial*"))
+    embed_module.embed(cells_h5ad, tiny_run, out=h5ad_path, genes=True, chunk_size=128)
+    streamed, whole = ad.read_zarr(zarr_path), ad.read_h5ad(h5ad_path)
+    hidden = tiny_run.model.config.hidden_size
+    assert streamed.shape == whole.shape == (300, 0)
+    assert streamed.obsm["X_genecompass"].shape == (300, hidden) == tuple(summary["embedding_shape"])
+    np.testing.assert_array_equal(streamed.obsm["X_genecompass"], whole.obsm["X_genecompass"])
+    pd.testing.assert_frame_equal(streamed.obs, whole.obs)
+    assert streamed.uns["genecompass"] == whole.uns["genecompass"]
+    for key, value in whole.uns["genecompass_genes"].items():
+        np.testing.assert_array_equal(streamed.uns["genecompass_genes"][key], value)
+    assert summary["n_genes_embedded"] == len(whole.uns["genecompass_genes"]["token_id"])
+
+    args = ["embed", "--model", str(tiny_run.path), str(cells_h5ad), "--out", str(zarr_path), "--json"]
+    refused = CliRunner().invoke(cli_app(), args)
+    assert refused.exit_code != 0 and "already exists" in str(refused.exception)
+    replaced = CliRunner().invoke(cli_app(), [*args, "--overwrite", "--pool", "mean"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads(replaced.output)["embedding_shape"] == [300, hidden]
+    assert ad.read_zarr(zarr_path).uns["genecompass"]["pool"] == "mean"
+    assert not list(tmp_path.glob(".*partial*"))
+
+
 def test_embeddings_do_not_depend_on_batch_size(tiny_run, pbmc3k_subset):
     from genecompass.embed import embed
 
@@ -187,7 +229,7 @@ def test_a_run_for_another_gene_reference_is_refused(tiny_run, tmp_path, pbmc3k_
 def test_every_new_command_has_help_with_an_example():
     from typer.testing import CliRunner
 
-    for command in (["embed"], ["finetune", "celltype"], ["predict"]):
+    for command in (["embed"], ["finetune", "celltype"], ["finetune", "gene-class"], ["predict"]):
         result = CliRunner().invoke(cli_app(), [*command, "--help"], terminal_width=200)
         assert result.exit_code == 0, result.output
         assert "Example: gc " + " ".join(command) in " ".join(result.output.split())
