@@ -1,17 +1,27 @@
-"""Embedding throughput: gc's length-sorted batches vs a naive loop (cells in input order, each batch padded
-to the model's maximum length, as the original GeneCompass pads to 2048).
+"""Embedding throughput: gc's embedding path vs a naive loop (cells in input order, each batch padded to
+the model's maximum length, as the original GeneCompass pads to 2048).
 
-Both embed the same tokenised cells with the same model (``small`` preset, untrained: speed does not depend
-on the weights) in one process; prints JSON (cells/s of each, the ratio, and the largest difference between
-the two sets of embeddings, which must be ~0).
+Three methods embed the same tokenised cells (species-token output) with the same model (``small`` preset,
+untrained: speed does not depend on the weights) in one process, same batch size, same torch threads:
 
-    .venv/bin/python bench/bench_embed.py --input data/pbmc3k.h5ad --cells 1000
+- ``gc``: ``genecompass.embed.embed_tokens``, what ``gc embed`` runs: length-sorted batches padded to their
+  longest cell, inference mode, and the species shortcut (the last layer computed at the species token only);
+- ``sorted_full_forward``: length-sorted batches, full forward (the gc path before the shortcut);
+- ``naive_padded``: input order, every batch padded to the model's maximum length (2,049), full forward.
+
+Tokenisation is not timed. The cells are processed in blocks (``--block``), each block by every method in
+turn, so that load from other processes on a shared machine falls on all methods alike. Prints progress to
+stderr and JSON to stdout: seconds, cells/s, speed-up over the naive loop, and the largest difference from
+the naive embeddings (must be ~0).
+
+    .venv/bin/python bench/bench_embed.py --input data/pbmc3k.h5ad --cells 1000 > bench/results_embed.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,12 +36,13 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--block", type=int, default=250, help="cells timed per method in turn")
     args = parser.parse_args()
 
     import anndata as ad
     import torch
 
-    from genecompass.embed import TokenStream, embed_tokens, pad_batch
+    from genecompass.embed import TokenStream, embed_tokens, length_sorted_batches, pad_batch
     from genecompass.medians import Medians
     from genecompass.model import GeneCompassConfig, GeneCompassModel
     from genecompass.reference import load_reference
@@ -74,38 +85,66 @@ def main() -> None:
             tokens = stream.read_all()
 
     lengths = tokens.lengths
-    started = time.perf_counter()
-    sorted_out = embed_tokens(model, tokens, batch_size=args.batch_size)
-    sorted_s = time.perf_counter() - started
 
-    # Naive: input order, every batch padded to the model's maximum length.
-    naive_out = np.zeros_like(sorted_out)
-    width = config.max_position_embeddings
-    started = time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, tokens.n_cells, args.batch_size):
-            rows = np.arange(start, min(start + args.batch_size, tokens.n_cells))
-            ids, values, mask = pad_batch(tokens, rows)
-            pad = width - ids.shape[1]
-            ids = torch.nn.functional.pad(ids, (0, pad))
-            values = torch.nn.functional.pad(values, (0, pad))
-            mask = torch.nn.functional.pad(mask, (0, pad))
-            naive_out[rows] = model(ids, values, mask).last_hidden_state[:, 0].numpy()
-    naive_s = time.perf_counter() - started
+    def gc_path(part):  # what `gc embed` runs: length-sorted batches, species shortcut, inference mode
+        return embed_tokens(model, part, batch_size=args.batch_size)
 
+    def sorted_full(part):  # length-sorted batches, full forward under no_grad (gc embed before this change)
+        out = np.zeros((part.n_cells, config.hidden_size), np.float32)
+        with torch.no_grad():
+            for rows in length_sorted_batches(part.lengths, args.batch_size, None):
+                out[rows] = model(*pad_batch(part, rows)).last_hidden_state[:, 0].numpy()
+        return out
+
+    def naive(part):  # input order, every batch padded to the model's maximum length
+        out = np.zeros((part.n_cells, config.hidden_size), np.float32)
+        width = config.max_position_embeddings
+        with torch.no_grad():
+            for start in range(0, part.n_cells, args.batch_size):
+                rows = np.arange(start, min(start + args.batch_size, part.n_cells))
+                ids, values, mask = pad_batch(part, rows)
+                pad = width - ids.shape[1]
+                ids = torch.nn.functional.pad(ids, (0, pad))
+                values = torch.nn.functional.pad(values, (0, pad))
+                mask = torch.nn.functional.pad(mask, (0, pad))
+                out[rows] = model(ids, values, mask).last_hidden_state[:, 0].numpy()
+        return out
+
+    methods = {"gc": gc_path, "sorted_full_forward": sorted_full, "naive_padded": naive}
+    seconds = dict.fromkeys(methods, 0.0)
+    outputs = {name: np.zeros((tokens.n_cells, config.hidden_size), np.float32) for name in methods}
+    # Blocks of cells in input order, each embedded by every method in turn (rotating which goes first), so
+    # that load from other processes on a shared machine falls on all of them alike.
+    for i, start in enumerate(range(0, tokens.n_cells, args.block)):
+        rows = np.arange(start, min(start + args.block, tokens.n_cells))
+        part = tokens.subset(rows)
+        names = list(methods)
+        for name in names[i % 3 :] + names[: i % 3]:
+            began = time.perf_counter()
+            outputs[name][rows] = methods[name](part)
+            seconds[name] += time.perf_counter() - began
+        print(
+            f"{rows[-1] + 1} cells: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()),
+            file=sys.stderr,
+        )
+
+    n = tokens.n_cells
     print(
         json.dumps(
             {
                 "input": args.input,
-                "cells": int(tokens.n_cells),
+                "cells": int(n),
                 "preset": args.preset,
                 "batch_size": args.batch_size,
+                "block": args.block,
                 "torch_threads": torch.get_num_threads(),
                 "tokens_per_cell": {"mean": float(lengths.mean()), "max": int(lengths.max())},
-                "gc_sorted_cells_per_s": tokens.n_cells / sorted_s,
-                "naive_padded_cells_per_s": tokens.n_cells / naive_s,
-                "speedup": naive_s / sorted_s,
-                "max_abs_diff": float(np.abs(sorted_out - naive_out).max()),
+                "seconds": seconds,
+                "cells_per_s": {name: n / s for name, s in seconds.items()},
+                "speedup_vs_naive": {name: seconds["naive_padded"] / s for name, s in seconds.items()},
+                "max_abs_diff_vs_naive": {
+                    name: float(np.abs(outputs[name] - outputs["naive_padded"]).max()) for name in methods
+                },
             },
             indent=2,
         )

@@ -165,6 +165,24 @@ def test_embeddings_do_not_depend_on_batch_size(tiny_run, pbmc3k_subset):
     assert np.abs(budget - many).max() < 1e-5
 
 
+def test_species_shortcut_equals_the_full_forward(tiny_run, pbmc3k_subset):
+    """The species pool skips the last layer's work at gene positions; the output must not change."""
+    import torch
+
+    from genecompass.embed import TokenStream, pad_batch, species_outputs
+
+    with TokenStream(pbmc3k_subset[:12].copy(), tiny_run) as stream:
+        tokens = stream.read_all()
+    ids, values, mask = pad_batch(tokens, np.arange(12))
+    mask[1::2, 40:] = False  # every other cell shorter: padding must stay masked
+    ids[~mask], values[~mask] = 0, 0.0
+    with torch.no_grad():
+        full = tiny_run.model(ids, values, mask).last_hidden_state[:, 0]
+        fast = species_outputs(tiny_run.model, ids, values, mask)
+    assert fast.shape == full.shape
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+
+
 def test_mean_pool_differs_from_species_pool(tiny_run, pbmc3k_subset):
     from genecompass.embed import embed
 
