@@ -1,38 +1,44 @@
 //! Streaming, mergeable per-gene medians of the normalised expression `x`.
 //!
 //! Each cell is normalised exactly as for tokenisation (duplicates summed, optional library-size
-//! scaling, only `c > 0`), and every `x` is recorded in a sparse log histogram of its token:
-//! bin `floor(log2(x) * 256)` (bins 0.27 % wide), keeping per occupied bin its count, min and max.
-//! The median of a token is its *lower* median (0-based rank `(n - 1) / 2` of its sorted non-zero
-//! values): the bins are walked in order to the one holding that rank, whose value is exact when
-//! the bin holds a single distinct value (`min == max`, e.g. small integer counts) and otherwise
-//! interpolated linearly between the bin's min and max.
+//! scaling, only `c > 0`), and every `x` is recorded in a dense log histogram of its token: bin
+//! `b` holds the values in `[2^(b/256), 2^((b+1)/256))` (256 bins per octave, each 0.27 % wide;
+//! the edges are `2^(k/256)` rounded to f64, see [`bin_of`]). Per bin the state is its count and,
+//! while every value that fell into it rounds to the same f32, that value (else NaN).
+//!
+//! The median of a token is its *lower* median (0-based rank `(n - 1) / 2` of its sorted
+//! non-zero values): the bins are walked in order to the one holding that rank. When that bin
+//! holds a single distinct value (as f32; e.g. small integer counts) the median is that value,
+//! exactly; otherwise it is interpolated linearly between the bin's edges at
+//! `(rank_in_bin + 0.5) / count`. **Precision:** the result is the exact lower median rounded to
+//! f32, or within one bin width (relative error < 2^(1/256) - 1 ≈ 0.27 %) of it.
 //!
 //! # Memory
 //!
-//! The state is [`N_SHARDS`] hash maps (token `t` lives in shard `t % N_SHARDS`) from
-//! `(token, bin)` to `(count, min, max)`: 32 bytes of payload per *occupied* bin, independent of
-//! the number of cells seen. A token spans at most `256 × log2(max x / min x)` bins, so memory is
-//! bounded by the vocabulary and the dynamic range of `x`, not by the corpus size.
+//! Each token seen so far owns one dense array of bins covering the range of bins its values
+//! have reached (grown with some slack when a value falls outside): 8 bytes per bin, about
+//! `256 × log2(max x / min x)` bins per expressed gene (≈ 1,000 on average for 10x PBMC data,
+//! i.e. ≈ 100 MB for 12,500 expressed genes). It depends on the genes present and the dynamic
+//! range of `x`, never on the number of cells. Bin counts are u32: one bin of one gene saturates
+//! at 4.29 × 10⁹ values.
 //!
 //! [`MedianAccumulator::add_chunk`] first validates the whole chunk (so it is all-or-nothing),
 //! then works through windows of about [`WINDOW_NNZ`] stored entries: cell batches are normalised
-//! in parallel into `(token, x)` buffers partitioned by shard, then the shards are updated in
-//! parallel, each by one task, in place. The only transient memory is one window's buffers
-//! (16 bytes per non-zero, about 64 MiB), and each shard task touches a map 1/[`N_SHARDS`] of
-//! the total size, which keeps the updates more cache-friendly. Hash-table overhead included,
-//! expect roughly 40-70 bytes per occupied bin.
+//! in parallel into `(token, bin, value)` entries partitioned by shard (token `t` belongs to
+//! shard `t % N_SHARDS`), then the shards are updated in parallel, each by one task. A shard's
+//! histograms are 1/[`N_SHARDS`] of the state (a few hundred KiB), so the updates stay in cache.
+//! The only transient memory is one window's entries (12 bytes per non-zero, about 48 MiB).
 //!
 //! # Determinism
 //!
-//! A bin's state (sum of counts, min, max) does not depend on the order values arrive in, so the
-//! accumulator — and the medians — are identical whatever the thread count, chunking or merge
-//! order. On invalid input the accumulator is left unchanged and the error of the first
-//! offending cell (in cell order) is returned.
+//! A bin's state (count, single value or NaN) does not depend on the order values arrive in, so
+//! the medians are identical whatever the thread count, chunking or merge order (the allocated
+//! bin ranges may differ; equality of accumulators compares the non-empty bins). On invalid
+//! input the accumulator is left unchanged and the error of the first offending cell (in cell
+//! order) is returned.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
@@ -43,18 +49,201 @@ use crate::normalize::{
 use crate::tokenize::{build_pool, BATCH_CELLS};
 
 /// Histogram bins per octave of `x`.
-pub const BINS_PER_OCTAVE: f64 = 256.0;
+pub const BINS_PER_OCTAVE: u32 = 256;
 
-/// Number of hash-map shards of the accumulator (token `t` lives in shard `t % N_SHARDS`).
+/// Number of shards of the accumulator (token `t` lives in shard `t % N_SHARDS`).
 pub const N_SHARDS: usize = 512;
 
 /// Target number of stored entries per window of [`MedianAccumulator::add_chunk`].
 pub const WINDOW_NNZ: usize = 1 << 22;
 
-/// The histogram bin of a positive `x`: `floor(log2(x) * 256)`.
+/// Extra bins allocated on each side when a token's histogram grows (1/8 octave).
+const GROWTH_SLACK: i32 = 32;
+
+/// Mantissa bits used to index the bin-start table (2^10 entries, narrower than any bin).
+const LOOKUP_BITS: u32 = 10;
+
+struct BinTables {
+    /// `edges[k] = 2^(k/256)` rounded to f64, `k = 0..=256` (`edges[0] = 1`, `edges[256] = 2`).
+    edges: [f64; BINS_PER_OCTAVE as usize + 1],
+    /// `start[i]`: the bin within the octave of mantissa `1 + i / 2^LOOKUP_BITS`.
+    start: [u16; 1 << LOOKUP_BITS],
+}
+
+fn tables() -> &'static BinTables {
+    static TABLES: OnceLock<BinTables> = OnceLock::new();
+    TABLES.get_or_init(|| {
+        let n = BINS_PER_OCTAVE as usize;
+        let mut edges = [0.0f64; BINS_PER_OCTAVE as usize + 1];
+        for (k, edge) in edges.iter_mut().enumerate() {
+            *edge = (k as f64 / n as f64).exp2();
+        }
+        edges[0] = 1.0;
+        edges[n] = 2.0;
+        let mut start = [0u16; 1 << LOOKUP_BITS];
+        for (i, s) in start.iter_mut().enumerate() {
+            let m = 1.0 + i as f64 / f64::from(1u32 << LOOKUP_BITS);
+            // The last edge <= m.
+            *s = (edges.partition_point(|&e| e <= m) - 1) as u16;
+        }
+        BinTables { edges, start }
+    })
+}
+
+/// The histogram bin of a positive, finite `x`: the `b` with `edge(b) <= x < edge(b + 1)`, where
+/// `edge(256 e + k) = 2^e × 2^(k/256)` (≈ `floor(log2(x) × 256)`, computed exactly from the bits).
 #[inline]
 pub fn bin_of(x: f64) -> i32 {
-    (x.log2() * BINS_PER_OCTAVE).floor() as i32
+    let t = tables();
+    let bits = x.to_bits();
+    let raw_exponent = ((bits >> 52) & 0x7ff) as i32;
+    if raw_exponent == 0 {
+        // Subnormal: scale into the normal range (exact), then shift the bin back.
+        return bin_of(x * 2f64.powi(64)) - 64 * BINS_PER_OCTAVE as i32;
+    }
+    let mantissa = f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | (1023u64 << 52));
+    let k0 = t.start[((bits >> (52 - LOOKUP_BITS)) & ((1 << LOOKUP_BITS) - 1)) as usize] as usize;
+    let k = k0 + usize::from(mantissa >= t.edges[k0 + 1]);
+    (raw_exponent - 1023) * BINS_PER_OCTAVE as i32 + k as i32
+}
+
+/// The lower edge of bin `b` (see [`bin_of`]).
+pub fn bin_edge(b: i32) -> f64 {
+    let octave = b.div_euclid(BINS_PER_OCTAVE as i32);
+    let k = b.rem_euclid(BINS_PER_OCTAVE as i32) as usize;
+    tables().edges[k] * 2f64.powi(octave)
+}
+
+/// One histogram bin: its count, and the value (as f32) while all its values are equal, else NaN.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    count: u32,
+    value: f32,
+}
+
+impl Slot {
+    #[inline]
+    fn add(&mut self, value: f32) {
+        if self.count == 0 {
+            self.value = value;
+        } else if self.value != value {
+            self.value = f32::NAN; // NaN != anything: stays NaN
+        }
+        self.count = self.count.saturating_add(1);
+    }
+
+    fn absorb(&mut self, other: &Slot) {
+        if other.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = *other;
+            return;
+        }
+        if self.value != other.value {
+            self.value = f32::NAN;
+        }
+        self.count = self.count.saturating_add(other.count);
+    }
+}
+
+/// The dense histogram of one token over bins `lo .. lo + slots.len()`.
+#[derive(Debug, Clone, Default)]
+struct TokenHist {
+    lo: i32,
+    slots: Vec<Slot>,
+}
+
+impl TokenHist {
+    /// Makes the histogram cover bins `a..=b` (with slack when it has to grow).
+    fn cover(&mut self, a: i32, b: i32) {
+        if self.slots.is_empty() {
+            self.lo = a;
+            self.slots = vec![Slot::default(); (b - a + 1) as usize];
+            return;
+        }
+        let hi = self.lo + self.slots.len() as i32; // exclusive
+        if a >= self.lo && b < hi {
+            return;
+        }
+        let new_lo = if a < self.lo {
+            a - GROWTH_SLACK
+        } else {
+            self.lo
+        };
+        let new_hi = if b >= hi { b + 1 + GROWTH_SLACK } else { hi };
+        let mut slots = vec![Slot::default(); (new_hi - new_lo) as usize];
+        let at = (self.lo - new_lo) as usize;
+        slots[at..at + self.slots.len()].copy_from_slice(&self.slots);
+        self.lo = new_lo;
+        self.slots = slots;
+    }
+
+    #[inline]
+    fn add(&mut self, bin: i32, value: f32) {
+        let mut i = bin.wrapping_sub(self.lo) as u32 as usize;
+        if i >= self.slots.len() {
+            self.cover(bin, bin);
+            i = (bin - self.lo) as usize;
+        }
+        self.slots[i].add(value);
+    }
+
+    fn merge(&mut self, other: &TokenHist) {
+        if other.slots.is_empty() {
+            return;
+        }
+        self.cover(other.lo, other.lo + other.slots.len() as i32 - 1);
+        let at = (other.lo - self.lo) as usize;
+        for (dst, src) in self.slots[at..].iter_mut().zip(&other.slots) {
+            dst.absorb(src);
+        }
+    }
+
+    /// Non-empty bins as `(bin, count, value bits)`, for comparisons.
+    fn occupied(&self) -> impl Iterator<Item = (i32, u32, u32)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.count > 0)
+            .map(|(i, s)| (self.lo + i as i32, s.count, s.value.to_bits()))
+    }
+
+    fn n_values(&self) -> u64 {
+        self.slots.iter().map(|s| u64::from(s.count)).sum()
+    }
+
+    /// The lower median (see the module docs); NaN when empty.
+    fn median(&self) -> f32 {
+        let n = self.n_values();
+        if n == 0 {
+            return f32::NAN;
+        }
+        let rank = (n - 1) / 2;
+        let mut before = 0u64;
+        for (i, slot) in self.slots.iter().enumerate() {
+            let count = u64::from(slot.count);
+            if before + count > rank {
+                if !slot.value.is_nan() {
+                    return slot.value;
+                }
+                let bin = self.lo + i as i32;
+                let (lo, hi) = (bin_edge(bin), bin_edge(bin + 1));
+                let position = ((rank - before) as f64 + 0.5) / count as f64;
+                return (lo + (hi - lo) * position) as f32;
+            }
+            before += count;
+        }
+        unreachable!("rank < n")
+    }
+}
+
+/// One normalised value, ready for its shard.
+#[derive(Debug, Clone, Copy, Default)]
+struct Entry {
+    token: u32,
+    bin: i32,
+    value: f32,
 }
 
 #[inline]
@@ -62,84 +251,10 @@ fn shard_of(token: u32) -> usize {
     token as usize % N_SHARDS
 }
 
-/// State of one occupied bin.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Bin {
-    count: u64,
-    min: f64,
-    max: f64,
-}
-
-impl Bin {
-    #[inline]
-    fn absorb(&mut self, other: &Bin) {
-        self.count += other.count;
-        self.min = self.min.min(other.min);
-        self.max = self.max.max(other.max);
-    }
-}
-
-/// `(token, bin)` packed so that sorting keys sorts by token, then bin (signed) ascending.
-#[inline]
-fn key(token: u32, bin: i32) -> u64 {
-    (u64::from(token) << 32) | u64::from((bin as u32) ^ 0x8000_0000)
-}
-
-#[inline]
-fn key_token(key: u64) -> usize {
-    (key >> 32) as usize
-}
-
-/// Hasher for the packed `u64` keys (murmur3 finaliser; keys are not attacker-controlled).
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(self.0 ^ u64::from(b));
-        }
-    }
-
-    #[inline]
-    fn write_u64(&mut self, k: u64) {
-        let mut h = k ^ self.0;
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
-        h ^= h >> 33;
-        self.0 = h;
-    }
-}
-
-type BinMap = HashMap<u64, Bin, BuildHasherDefault<KeyHasher>>;
-
-/// Records one value `x` of `token` in its shard.
-#[inline]
-fn record(map: &mut BinMap, token: u32, x: f64) {
-    map.entry(key(token, bin_of(x)))
-        .and_modify(|bin| {
-            bin.count += 1;
-            bin.min = bin.min.min(x);
-            bin.max = bin.max.max(x);
-        })
-        .or_insert(Bin {
-            count: 1,
-            min: x,
-            max: x,
-        });
-}
-
-/// The normalised values of one batch of cells, partitioned by shard: the values of shard `s`
-/// are `entries[offsets[s]..offsets[s + 1]]`.
+/// The entries of one batch of cells, partitioned by shard: the entries of shard `s` are
+/// `entries[offsets[s]..offsets[s + 1]]`.
 struct BatchValues {
-    entries: Vec<(u32, f64)>,
+    entries: Vec<Entry>,
     offsets: Vec<usize>,
 }
 
@@ -147,7 +262,7 @@ struct BatchValues {
 struct Scratch {
     cell: CellScratch,
     normalized: Vec<(u32, f64)>,
-    batch: Vec<(u32, f64)>,
+    batch: Vec<Entry>,
 }
 
 /// Splits `cells` into windows of about [`WINDOW_NNZ`] stored entries (at least one cell each).
@@ -167,7 +282,7 @@ fn windows(matrix: &CsrChunk<'_>, window_nnz: usize) -> Vec<Range<usize>> {
     out
 }
 
-/// Normalises one batch of cells and partitions the `(token, x)` values by shard.
+/// Normalises one batch of cells and partitions the entries by shard.
 fn normalize_batch(
     matrix: &CsrChunk<'_>,
     cells: Range<usize>,
@@ -187,45 +302,68 @@ fn normalize_batch(
             &mut scratch.cell,
             &mut scratch.normalized,
         )?;
-        scratch.batch.extend_from_slice(&scratch.normalized);
+        scratch
+            .batch
+            .extend(scratch.normalized.iter().map(|&(token, x)| Entry {
+                token,
+                bin: bin_of(x),
+                value: x as f32,
+            }));
     }
     // Counting sort by shard (stable, so the layout is deterministic too).
     let mut offsets = vec![0usize; N_SHARDS + 1];
-    for &(token, _) in &scratch.batch {
-        offsets[shard_of(token) + 1] += 1;
+    for e in &scratch.batch {
+        offsets[shard_of(e.token) + 1] += 1;
     }
     for s in 0..N_SHARDS {
         offsets[s + 1] += offsets[s];
     }
     let mut next = offsets.clone();
-    let mut entries = vec![(0u32, 0.0f64); scratch.batch.len()];
-    for &(token, x) in &scratch.batch {
-        let slot = &mut next[shard_of(token)];
-        entries[*slot] = (token, x);
+    let mut entries = vec![Entry::default(); scratch.batch.len()];
+    for &e in &scratch.batch {
+        let slot = &mut next[shard_of(e.token)];
+        entries[*slot] = e;
         *slot += 1;
     }
     Ok(BatchValues { entries, offsets })
 }
 
 /// Streaming per-token lower median of the normalised expression over cells where it is non-zero.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct MedianAccumulator {
     vocab_size: usize,
     library_size: bool,
     target_sum: f64,
-    /// `shards[s]` holds the bins of tokens `t` with `t % N_SHARDS == s`.
-    shards: Vec<BinMap>,
+    /// `shards[s][i]` is the histogram of token `i * N_SHARDS + s`.
+    shards: Vec<Vec<TokenHist>>,
+}
+
+impl PartialEq for MedianAccumulator {
+    /// Same settings and the same non-empty bins (allocated ranges may differ).
+    fn eq(&self, other: &Self) -> bool {
+        self.vocab_size == other.vocab_size
+            && self.library_size == other.library_size
+            && self.target_sum.to_bits() == other.target_sum.to_bits()
+            && self
+                .shards
+                .iter()
+                .zip(&other.shards)
+                .all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.occupied().eq(y.occupied())))
+    }
 }
 
 impl MedianAccumulator {
     /// An empty accumulator for tokens `0..vocab_size`, normalising like the tokeniser will
     /// (`library_size`, `target_sum`).
     pub fn new(vocab_size: usize, library_size: bool, target_sum: f64) -> Self {
+        let shards = (0..N_SHARDS)
+            .map(|s| vec![TokenHist::default(); vocab_size.saturating_sub(s).div_ceil(N_SHARDS)])
+            .collect();
         Self {
             vocab_size,
             library_size,
             target_sum,
-            shards: vec![BinMap::default(); N_SHARDS],
+            shards,
         }
     }
 
@@ -241,9 +379,16 @@ impl MedianAccumulator {
         self.target_sum
     }
 
-    /// Number of occupied `(token, bin)` pairs: the accumulator's memory is proportional to it.
+    /// Allocated histogram bins over all tokens (8 bytes each): the accumulator's memory.
     pub fn n_bins(&self) -> usize {
-        self.shards.iter().map(HashMap::len).sum()
+        self.shards
+            .iter()
+            .flat_map(|shard| shard.iter().map(|h| h.slots.len()))
+            .sum()
+    }
+
+    fn hist(&self, token: usize) -> &TokenHist {
+        &self.shards[token % N_SHARDS][token / N_SHARDS]
     }
 
     /// Adds every cell of one CSR chunk (same layout and validation as
@@ -331,11 +476,10 @@ impl MedianAccumulator {
                         },
                     )
                     .collect::<Result<Vec<BatchValues>>>()?;
-                shards.par_iter_mut().enumerate().for_each(|(s, map)| {
+                shards.par_iter_mut().enumerate().for_each(|(s, hists)| {
                     for batch in &values {
-                        let part = &batch.entries[batch.offsets[s]..batch.offsets[s + 1]];
-                        for &(token, x) in part {
-                            record(map, token, x);
+                        for e in &batch.entries[batch.offsets[s]..batch.offsets[s + 1]] {
+                            hists[e.token as usize / N_SHARDS].add(e.bin, e.value);
                         }
                     }
                 });
@@ -362,65 +506,26 @@ impl MedianAccumulator {
             )));
         }
         for (dst, src) in self.shards.iter_mut().zip(&other.shards) {
-            dst.reserve(src.len().saturating_sub(dst.capacity() - dst.len()));
-            for (&k, b) in src {
-                dst.entry(k).and_modify(|d| d.absorb(b)).or_insert(*b);
+            for (d, s) in dst.iter_mut().zip(src) {
+                d.merge(s);
             }
         }
         Ok(())
     }
 
-    /// Occupied bins sorted by (token, bin).
-    fn sorted_bins(&self) -> Vec<(u64, Bin)> {
-        let mut v: Vec<(u64, Bin)> = Vec::with_capacity(self.n_bins());
-        for map in &self.shards {
-            v.extend(map.iter().map(|(&k, &b)| (k, b)));
-        }
-        v.sort_unstable_by_key(|&(k, _)| k);
-        v
-    }
-
     /// The lower median of the non-zero `x` per token (`vocab_size` values; NaN where a token
     /// was never seen with a non-zero count).
     pub fn medians(&self) -> Vec<f32> {
-        let mut out = vec![f32::NAN; self.vocab_size];
-        let bins = self.sorted_bins();
-        let mut start = 0;
-        while start < bins.len() {
-            let token = key_token(bins[start].0);
-            let end = start + bins[start..].partition_point(|&(k, _)| key_token(k) == token);
-            let group = &bins[start..end];
-            let n: u64 = group.iter().map(|(_, b)| b.count).sum();
-            let rank = (n - 1) / 2;
-            let mut before = 0u64;
-            for (_, bin) in group {
-                if before + bin.count > rank {
-                    let median = if bin.min == bin.max {
-                        bin.min
-                    } else {
-                        let rank_in_bin = rank - before;
-                        bin.min
-                            + (bin.max - bin.min) * (rank_in_bin as f64 / (bin.count - 1) as f64)
-                    };
-                    out[token] = median as f32;
-                    break;
-                }
-                before += bin.count;
-            }
-            start = end;
-        }
-        out
+        (0..self.vocab_size)
+            .map(|t| self.hist(t).median())
+            .collect()
     }
 
     /// Per token, the number of cells where its summed count was non-zero.
     pub fn n_nonzero(&self) -> Vec<u64> {
-        let mut out = vec![0u64; self.vocab_size];
-        for map in &self.shards {
-            for (&k, b) in map {
-                out[key_token(k)] += b.count;
-            }
-        }
-        out
+        (0..self.vocab_size)
+            .map(|t| self.hist(t).n_values())
+            .collect()
     }
 }
 
@@ -559,7 +664,12 @@ mod tests {
                 continue;
             }
             let rel = (f64::from(med[t]) - exact[t]).abs() / exact[t];
-            assert!(rel < 0.003, "token {t}: {} vs {}", med[t], exact[t]);
+            assert!(
+                rel < (1.0f64 / 256.0).exp2() - 1.0,
+                "token {t}: {} vs {}",
+                med[t],
+                exact[t]
+            );
         }
 
         // Raw continuous values spanning 10 octaves.
@@ -579,7 +689,11 @@ mod tests {
         let (exact, _) = exact_medians(&indptr, &indices, &data, &col_token, 4, false);
         for (t, m) in acc.medians().iter().enumerate() {
             let rel = (f64::from(*m) - exact[t]).abs() / exact[t];
-            assert!(rel < 0.003, "token {t}: {m} vs {}", exact[t]);
+            assert!(
+                rel < (1.0f64 / 256.0).exp2() - 1.0,
+                "token {t}: {m} vs {}",
+                exact[t]
+            );
         }
         // Non-integer input is rejected unless allowed.
         let mut strict = MedianAccumulator::new(4, false, 1e4);
@@ -660,7 +774,7 @@ mod tests {
     #[test]
     fn lower_median_and_interpolation() {
         // Token 0: values 1, 2, 3, 4 -> lower median 2 (rank 1), exact (one value per bin).
-        // Token 1: 1000 and 1001 share bin 2551 -> interpolated between min and max.
+        // Token 1: 1000 and 1001 share bin 2551 -> interpolated.
         let indptr = [0i64, 2, 4, 6, 7];
         let indices = [0u32, 1, 0, 1, 0, 1, 0];
         let data = [1.0f32, 1000.0, 2.0, 1001.0, 3.0, 1000.0, 4.0];
@@ -670,8 +784,12 @@ mod tests {
         assert_eq!(bin_of(1000.0), bin_of(1001.0));
         let med = acc.medians();
         assert_eq!(med[0], 2.0);
-        // Token 1: n = 3, rank 1, one bin of count 3 min 1000 max 1001 -> 1000 + 1 * 1/2.
-        assert_eq!(med[1], 1000.5);
+        // Token 1: n = 3, rank 1, one bin of count 3 holding two distinct values -> interpolated
+        // between the bin's edges at (1 + 0.5) / 3.
+        let b = bin_of(1000.0);
+        let (lo, hi) = (bin_edge(b), bin_edge(b + 1));
+        assert_eq!(med[1], (lo + (hi - lo) * 0.5) as f32);
+        assert!((f64::from(med[1]) - 1000.0).abs() / 1000.0 < 0.0027);
         assert!(med[2].is_nan());
         assert_eq!(acc.n_nonzero(), vec![4, 3, 0]);
     }
@@ -762,28 +880,45 @@ mod tests {
     }
 
     #[test]
-    fn keys_sort_by_token_then_signed_bin() {
-        let mut keys = vec![
-            key(1, 5),
-            key(0, 3),
-            key(1, -7),
-            key(0, -1),
-            key(0, i32::MIN),
-        ];
-        keys.sort_unstable();
-        assert_eq!(
-            keys,
-            vec![
-                key(0, i32::MIN),
-                key(0, -1),
-                key(0, 3),
-                key(1, -7),
-                key(1, 5)
-            ]
-        );
-        assert_eq!(key_token(key(77, -3)), 77);
+    fn bins_are_log2_times_256() {
         assert_eq!(bin_of(1.0), 0);
         assert_eq!(bin_of(2.0), 256);
         assert_eq!(bin_of(0.5), -256);
+        assert_eq!(bin_of(3.0), 405); // log2(3) * 256 = 405.7
+        assert_eq!(bin_edge(0), 1.0);
+        assert_eq!(bin_edge(256), 2.0);
+        assert_eq!(bin_edge(-256), 0.5);
+        // Edges increase, and every edge starts its own bin.
+        let t = tables();
+        assert!(t.edges.windows(2).all(|w| w[0] < w[1]));
+        for b in -3000..3000 {
+            let lo = bin_edge(b);
+            assert_eq!(bin_of(lo), b, "edge of bin {b}");
+            assert_eq!(
+                bin_of(f64::from_bits(lo.to_bits() - 1)),
+                b - 1,
+                "below bin {b}"
+            );
+            // Agrees with floor(log2(x) * 256) away from the edges.
+            let mid = lo * (0.5f64 / 256.0).exp2();
+            assert_eq!(bin_of(mid), (mid.log2() * 256.0).floor() as i32);
+        }
+        // Subnormal and extreme values.
+        let tiny = f64::from_bits(1);
+        assert_eq!(bin_of(tiny), -1074 * 256);
+        assert_eq!(bin_of(f64::MAX), 1024 * 256 - 1);
+        assert_eq!(bin_of(3e-310), (3e-310f64.log2() * 256.0).floor() as i32);
+    }
+
+    #[test]
+    fn state_is_small_and_covers_only_seen_bins() {
+        let mut acc = MedianAccumulator::new(3, false, 1e4);
+        acc.add_chunk(&[0, 2, 3], &[0, 1, 1], &[1.0, 4.0, 1.0], &[0, 1], 1, false)
+            .unwrap();
+        // Token 0: one bin; token 1: bins 0..=512 (values 1 and 4), token 2: nothing.
+        assert_eq!(acc.hist(0).slots.len(), 1);
+        assert_eq!(acc.hist(2).slots.len(), 0);
+        assert!(acc.n_bins() > 513);
+        assert_eq!(acc.medians()[1], 1.0);
     }
 }

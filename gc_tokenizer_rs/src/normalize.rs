@@ -132,6 +132,13 @@ impl CellScratch {
     }
 }
 
+/// Whether a finite `value` is a whole number (without a libm call: every f32 of magnitude
+/// >= 2^23 is whole, and smaller ones convert to i32 exactly when they are).
+#[inline]
+fn is_integer(value: f32) -> bool {
+    value.abs() >= 8_388_608.0 || (value as i32) as f32 == value
+}
+
 /// Validates the stored entries of row `cell` and returns its library size (the sum of all its
 /// counts, f64, index order). Checks, first offending entry in index order: column out of range
 /// (`>= n_columns`), non-finite count, negative count, non-integer count (unless
@@ -166,7 +173,7 @@ pub fn validate_row(
                 value,
             });
         }
-        if !allow_non_integer && value.fract() != 0.0 {
+        if !allow_non_integer && !is_integer(value) {
             return Err(Error::NonIntegerCount {
                 cell,
                 column,
@@ -386,6 +393,28 @@ mod tests {
         assert!(r.is_err());
         normalize_cell(1, &[1], &[4.0], &col_token, &RAW, &mut scratch, &mut out).unwrap();
         assert_eq!(out, vec![(1, 4.0)]);
+    }
+
+    #[test]
+    fn integer_check() {
+        for v in [
+            0.0f32,
+            -0.0,
+            1.0,
+            3.0,
+            8_388_607.0,
+            8_388_608.0,
+            1e20,
+            -5.0,
+            f32::MAX,
+        ] {
+            assert!(is_integer(v), "{v}");
+            assert_eq!(is_integer(v), v.fract() == 0.0);
+        }
+        for v in [0.5f32, 1.25, 8_388_607.5, -0.1, 1e-30, f32::MIN_POSITIVE] {
+            assert!(!is_integer(v), "{v}");
+            assert_eq!(is_integer(v), v.fract() == 0.0);
+        }
     }
 
     #[test]

@@ -11,8 +11,10 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::normalize::{check_gene_map, normalize_cell, ratios, CellScratch, CsrChunk, NormParams};
-use crate::topk::{select_top_k, token_value, Ranked};
+use crate::normalize::{
+    check_gene_map, median_is_known, validate_row, CsrChunk, NormParams, NO_TOKEN,
+};
+use crate::topk::{select_top_k_packed, token_value, KeyLayout};
 
 /// Cells per parallel task. Fixed, so the work split never depends on the thread count.
 pub const BATCH_CELLS: usize = 256;
@@ -75,11 +77,13 @@ pub(crate) fn batches(n_cells: usize) -> impl IndexedParallelIterator<Item = Ran
         .map(move |b| b * BATCH_CELLS..((b + 1) * BATCH_CELLS).min(n_cells))
 }
 
-/// Reusable buffers of one rayon task.
+/// Reusable buffers of one rayon task: a dense per-token accumulator (all zeros between cells), the
+/// tokens a cell touched, and its packed sort keys (see [`KeyLayout`]).
 struct Scratch {
-    cell: CellScratch,
-    normalized: Vec<(u32, f64)>,
-    ranked: Vec<Ranked>,
+    acc: Vec<f64>,
+    touched: Vec<u32>,
+    keys: Vec<u64>,
+    group: Vec<u64>,
 }
 
 /// Output of one batch of consecutive cells.
@@ -92,37 +96,110 @@ struct BatchOut {
     n_dropped: u64,
 }
 
+/// Tokenises one cell (the rules of [`tokenize_chunk`]) and appends it to `out`.
+///
+/// Same arithmetic as [`crate::normalize::normalize_cell`] and [`crate::normalize::ratios`]
+/// (f64, duplicates summed in index order); the candidates are ranked through packed integer
+/// keys ([`select_top_k_packed`]), with each token's `r` kept in the accumulator meanwhile.
+#[allow(clippy::too_many_arguments)]
+fn tokenize_cell(
+    cell: usize,
+    indices: &[u32],
+    data: &[f32],
+    col_token: &[u32],
+    medians: &[f32],
+    params: &TokenizeParams,
+    layout: &KeyLayout,
+    scratch: &mut Scratch,
+    out: &mut BatchOut,
+) -> Result<()> {
+    let norm = &params.norm;
+    let total = validate_row(cell, indices, data, col_token.len(), norm.allow_non_integer)?;
+    let Scratch {
+        acc,
+        touched,
+        keys,
+        group,
+    } = scratch;
+    touched.clear();
+    for (&column, &value) in indices.iter().zip(data) {
+        let token = col_token[column as usize];
+        if token == NO_TOKEN || value <= 0.0 {
+            continue;
+        }
+        let slot = &mut acc[token as usize];
+        if *slot == 0.0 {
+            touched.push(token);
+        }
+        *slot += f64::from(value);
+    }
+    let scale = norm.library_size && total > 0.0;
+    keys.clear();
+    let mut dropped = 0u64;
+    for &token in touched.iter() {
+        let slot = &mut acc[token as usize];
+        let c = *slot;
+        let median = medians[token as usize];
+        if median_is_known(median) {
+            let x = if scale {
+                (c / total) * norm.target_sum
+            } else {
+                c
+            };
+            let r = x / f64::from(median);
+            *slot = r; // read back while ranking and valuing
+            keys.push(layout.key(r, token));
+        } else {
+            dropped += 1;
+        }
+    }
+    out.n_dropped += dropped;
+    out.n_expressed.push(keys.len() as u32);
+    select_top_k_packed(keys, params.top_k, layout, |t| acc[t as usize], group);
+    out.lens.push(keys.len() as u32);
+    // Equal r are adjacent: one log2 per distinct value.
+    let (mut last_r, mut last_value) = (f64::NAN, 0.0f32);
+    for &key in keys.iter() {
+        let token = layout.token(key);
+        let r = acc[token as usize];
+        if r.to_bits() != last_r.to_bits() {
+            last_r = r;
+            last_value = token_value(r);
+        }
+        out.genes.push(token);
+        out.values.push(last_value);
+    }
+    for &token in touched.iter() {
+        acc[token as usize] = 0.0;
+    }
+    Ok(())
+}
+
 fn tokenize_batch(
     matrix: &CsrChunk<'_>,
     cells: Range<usize>,
     col_token: &[u32],
     medians: &[f32],
     params: &TokenizeParams,
+    layout: &KeyLayout,
     scratch: &mut Scratch,
 ) -> Result<BatchOut> {
+    // A capacity hint only (rows are checked one by one below): clamped, as indptr may be broken.
+    let span = matrix.indptr[cells.end].wrapping_sub(matrix.indptr[cells.start]);
+    let nnz = span.clamp(0, matrix.indices.len() as i64) as usize;
+    let capacity = nnz.min(cells.len() * params.top_k);
     let mut out = BatchOut {
         lens: Vec::with_capacity(cells.len()),
         n_expressed: Vec::with_capacity(cells.len()),
-        ..BatchOut::default()
+        genes: Vec::with_capacity(capacity),
+        values: Vec::with_capacity(capacity),
+        n_dropped: 0,
     };
     for cell in cells {
         let (indices, data) = matrix.row(cell)?;
-        normalize_cell(
-            cell,
-            indices,
-            data,
-            col_token,
-            &params.norm,
-            &mut scratch.cell,
-            &mut scratch.normalized,
+        tokenize_cell(
+            cell, indices, data, col_token, medians, params, layout, scratch, &mut out,
         )?;
-        out.n_dropped += u64::from(ratios(&scratch.normalized, medians, &mut scratch.ranked));
-        out.n_expressed.push(scratch.ranked.len() as u32);
-        select_top_k(&mut scratch.ranked, params.top_k);
-        out.lens.push(scratch.ranked.len() as u32);
-        out.genes.extend(scratch.ranked.iter().map(|e| e.token));
-        out.values
-            .extend(scratch.ranked.iter().map(|e| token_value(e.r)));
     }
     Ok(out)
 }
@@ -153,17 +230,19 @@ pub fn tokenize_chunk(
     let vocab_size = medians.len();
     check_gene_map(col_token, vocab_size)?;
 
+    let layout = KeyLayout::new(vocab_size);
     let pool = build_pool(params.n_threads)?;
     let results: Vec<Result<BatchOut>> = pool.install(|| {
         batches(matrix.n_cells())
             .map_init(
                 || Scratch {
-                    cell: CellScratch::new(vocab_size),
-                    normalized: Vec::new(),
-                    ranked: Vec::new(),
+                    acc: vec![0.0; vocab_size],
+                    touched: Vec::new(),
+                    keys: Vec::new(),
+                    group: Vec::new(),
                 },
                 |scratch, cells| {
-                    tokenize_batch(&matrix, cells, col_token, medians, params, scratch)
+                    tokenize_batch(&matrix, cells, col_token, medians, params, &layout, scratch)
                 },
             )
             .collect()
