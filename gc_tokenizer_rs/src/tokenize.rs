@@ -69,14 +69,6 @@ pub(crate) fn build_pool(n_threads: usize) -> Result<rayon::ThreadPool> {
         })
 }
 
-/// Splits `0..n_cells` into the fixed batches processed by one task each.
-pub(crate) fn batches(n_cells: usize) -> impl IndexedParallelIterator<Item = Range<usize>> {
-    let n_batches = n_cells.div_ceil(BATCH_CELLS);
-    (0..n_batches)
-        .into_par_iter()
-        .map(move |b| b * BATCH_CELLS..((b + 1) * BATCH_CELLS).min(n_cells))
-}
-
 /// Reusable buffers of one rayon task: a dense per-token accumulator (all zeros between cells), the
 /// tokens a cell touched, and its packed sort keys (see [`KeyLayout`]).
 struct Scratch {
@@ -86,17 +78,29 @@ struct Scratch {
     group: Vec<u64>,
 }
 
-/// Output of one batch of consecutive cells.
-#[derive(Default)]
-struct BatchOut {
-    lens: Vec<u32>,
-    genes: Vec<u32>,
-    values: Vec<f32>,
-    n_expressed: Vec<u32>,
+/// One batch of consecutive cells and the disjoint parts of the chunk's output arrays it fills.
+/// A cell keeps at most as many tokens as it has stored entries, so the batch's tokens fit in the
+/// region of its entries (`genes` / `values`); they are written from its start and compacted
+/// after all batches are done.
+struct Job<'a> {
+    cells: Range<usize>,
+    region_start: usize,
+    genes: &'a mut [u32],
+    values: &'a mut [f32],
+    lens: &'a mut [u32],
+    n_expressed: &'a mut [u32],
+}
+
+/// What one batch wrote: tokens (from its region's start) and genes dropped for lack of a median.
+struct BatchDone {
+    region_start: usize,
+    n_tokens: usize,
     n_dropped: u64,
 }
 
-/// Tokenises one cell (the rules of [`tokenize_chunk`]) and appends it to `out`.
+/// Tokenises one cell (the rules of [`tokenize_chunk`]) into `genes` / `values` (which must have
+/// room for one token per stored entry of the row). Returns (tokens written, candidates before
+/// truncation, genes dropped for lack of a median).
 ///
 /// Same arithmetic as [`crate::normalize::normalize_cell`] and [`crate::normalize::ratios`]
 /// (f64, duplicates summed in index order); the candidates are ranked through packed integer
@@ -111,8 +115,9 @@ fn tokenize_cell(
     params: &TokenizeParams,
     layout: &KeyLayout,
     scratch: &mut Scratch,
-    out: &mut BatchOut,
-) -> Result<()> {
+    genes: &mut [u32],
+    values: &mut [f32],
+) -> Result<(usize, u32, u64)> {
     let norm = &params.norm;
     let total = validate_row(cell, indices, data, col_token.len(), norm.allow_non_integer)?;
     let Scratch {
@@ -153,55 +158,64 @@ fn tokenize_cell(
             dropped += 1;
         }
     }
-    out.n_dropped += dropped;
-    out.n_expressed.push(keys.len() as u32);
+    let n_expressed = keys.len() as u32;
     select_top_k_packed(keys, params.top_k, layout, |t| acc[t as usize], group);
-    out.lens.push(keys.len() as u32);
     // Equal r are adjacent: one log2 per distinct value.
     let (mut last_r, mut last_value) = (f64::NAN, 0.0f32);
-    for &key in keys.iter() {
+    for ((&key, gene), value) in keys.iter().zip(genes.iter_mut()).zip(values.iter_mut()) {
         let token = layout.token(key);
         let r = acc[token as usize];
         if r.to_bits() != last_r.to_bits() {
             last_r = r;
             last_value = token_value(r);
         }
-        out.genes.push(token);
-        out.values.push(last_value);
+        *gene = token;
+        *value = last_value;
     }
     for &token in touched.iter() {
         acc[token as usize] = 0.0;
     }
-    Ok(())
+    Ok((keys.len(), n_expressed, dropped))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn tokenize_batch(
     matrix: &CsrChunk<'_>,
-    cells: Range<usize>,
+    job: Job<'_>,
     col_token: &[u32],
     medians: &[f32],
     params: &TokenizeParams,
     layout: &KeyLayout,
     scratch: &mut Scratch,
-) -> Result<BatchOut> {
-    // A capacity hint only (rows are checked one by one below): clamped, as indptr may be broken.
-    let span = matrix.indptr[cells.end].wrapping_sub(matrix.indptr[cells.start]);
-    let nnz = span.clamp(0, matrix.indices.len() as i64) as usize;
-    let capacity = nnz.min(cells.len() * params.top_k);
-    let mut out = BatchOut {
-        lens: Vec::with_capacity(cells.len()),
-        n_expressed: Vec::with_capacity(cells.len()),
-        genes: Vec::with_capacity(capacity),
-        values: Vec::with_capacity(capacity),
+) -> Result<BatchDone> {
+    let mut done = BatchDone {
+        region_start: job.region_start,
+        n_tokens: 0,
         n_dropped: 0,
     };
-    for cell in cells {
+    let first = job.cells.start;
+    for cell in job.cells {
         let (indices, data) = matrix.row(cell)?;
-        tokenize_cell(
-            cell, indices, data, col_token, medians, params, layout, scratch, &mut out,
+        let at = done.n_tokens;
+        let end = at + indices.len();
+        let (written, n_expressed, dropped) = tokenize_cell(
+            cell,
+            indices,
+            data,
+            col_token,
+            medians,
+            params,
+            layout,
+            scratch,
+            &mut job.genes[at..end],
+            &mut job.values[at..end],
         )?;
+        job.lens[cell - first] = written as u32;
+        job.n_expressed[cell - first] = n_expressed;
+        done.n_tokens += written;
+        done.n_dropped += dropped;
     }
-    Ok(out)
+    Ok(done)
 }
 
 /// Tokenises one CSR chunk of a cell × gene count matrix.
@@ -231,9 +245,47 @@ pub fn tokenize_chunk(
     check_gene_map(col_token, vocab_size)?;
 
     let layout = KeyLayout::new(vocab_size);
+    // Rows before the first malformed one (if any) are processed; that row's error is returned
+    // unless an earlier cell has one (errors come in cell order).
+    let n_cells = matrix.n_cells();
+    let valid = (0..n_cells)
+        .find(|&i| matrix.row(i).is_err())
+        .unwrap_or(n_cells);
+    let base = indptr[0];
+    let entry = |cell: usize| (indptr[cell] - base) as usize; // well-formed for cell <= valid
+    let mut genes = vec![0u32; entry(valid)];
+    let mut values = vec![0f32; entry(valid)];
+    let mut lens = vec![0u32; valid];
+    let mut n_expressed = vec![0u32; valid];
+    let mut jobs = Vec::with_capacity(valid.div_ceil(BATCH_CELLS));
+    {
+        let (mut g, mut v, mut l, mut e) = (
+            genes.as_mut_slice(),
+            values.as_mut_slice(),
+            lens.as_mut_slice(),
+            n_expressed.as_mut_slice(),
+        );
+        for start in (0..valid).step_by(BATCH_CELLS) {
+            let end = (start + BATCH_CELLS).min(valid);
+            let size = entry(end) - entry(start);
+            let (g1, g2) = std::mem::take(&mut g).split_at_mut(size);
+            let (v1, v2) = std::mem::take(&mut v).split_at_mut(size);
+            let (l1, l2) = std::mem::take(&mut l).split_at_mut(end - start);
+            let (e1, e2) = std::mem::take(&mut e).split_at_mut(end - start);
+            (g, v, l, e) = (g2, v2, l2, e2);
+            jobs.push(Job {
+                cells: start..end,
+                region_start: entry(start),
+                genes: g1,
+                values: v1,
+                lens: l1,
+                n_expressed: e1,
+            });
+        }
+    }
     let pool = build_pool(params.n_threads)?;
-    let results: Vec<Result<BatchOut>> = pool.install(|| {
-        batches(matrix.n_cells())
+    let results: Vec<Result<BatchDone>> = pool.install(|| {
+        jobs.into_par_iter()
             .map_init(
                 || Scratch {
                     acc: vec![0.0; vocab_size],
@@ -241,37 +293,50 @@ pub fn tokenize_chunk(
                     keys: Vec::new(),
                     group: Vec::new(),
                 },
-                |scratch, cells| {
-                    tokenize_batch(&matrix, cells, col_token, medians, params, &layout, scratch)
+                |scratch, job| {
+                    tokenize_batch(&matrix, job, col_token, medians, params, &layout, scratch)
                 },
             )
             .collect()
     });
-
     // The first error in batch order is the first offending cell.
-    let batches = results.into_iter().collect::<Result<Vec<_>>>()?;
-    let n_cells = matrix.n_cells();
-    let n_tokens: usize = batches.iter().map(|b| b.genes.len()).sum();
-    let mut chunk = TokenizedChunk {
-        offsets: Vec::with_capacity(n_cells + 1),
-        genes: Vec::with_capacity(n_tokens),
-        values: Vec::with_capacity(n_tokens),
-        n_expressed: Vec::with_capacity(n_cells),
-        stats: ChunkStats::default(),
-    };
-    let mut offset = 0i64;
-    chunk.offsets.push(offset);
-    for b in batches {
-        for len in b.lens {
-            offset += i64::from(len);
-            chunk.offsets.push(offset);
-        }
-        chunk.genes.extend_from_slice(&b.genes);
-        chunk.values.extend_from_slice(&b.values);
-        chunk.n_expressed.extend_from_slice(&b.n_expressed);
-        chunk.stats.n_dropped_no_median += b.n_dropped;
+    let done = results.into_iter().collect::<Result<Vec<_>>>()?;
+    if valid < n_cells {
+        return Err(matrix
+            .row(valid)
+            .expect_err("row `valid` is the first malformed one"));
     }
-    Ok(chunk)
+    // Close the gaps between the batches' regions (in order, so nothing is overwritten early).
+    let mut n_tokens = 0;
+    let mut stats = ChunkStats::default();
+    for batch in &done {
+        let region = batch.region_start..batch.region_start + batch.n_tokens;
+        genes.copy_within(region.clone(), n_tokens);
+        values.copy_within(region, n_tokens);
+        n_tokens += batch.n_tokens;
+        stats.n_dropped_no_median += batch.n_dropped;
+    }
+    genes.truncate(n_tokens);
+    values.truncate(n_tokens);
+    if n_tokens < genes.capacity() / 4 * 3 {
+        // Many entries outside the vocabulary: give the unused room back.
+        genes.shrink_to_fit();
+        values.shrink_to_fit();
+    }
+    let mut offsets = Vec::with_capacity(n_cells + 1);
+    let mut offset = 0i64;
+    offsets.push(offset);
+    for &len in &lens {
+        offset += i64::from(len);
+        offsets.push(offset);
+    }
+    Ok(TokenizedChunk {
+        offsets,
+        genes,
+        values,
+        n_expressed,
+        stats,
+    })
 }
 
 #[cfg(test)]
@@ -590,6 +655,48 @@ pub(crate) mod tests {
         let mut ok = p;
         ok.norm.allow_non_integer = true;
         assert!(tokenize_chunk(&[0, 1], &[0], &[2.5], &col_token, &medians, &ok).is_ok());
+    }
+
+    #[test]
+    fn malformed_indptr_reported_after_earlier_errors() {
+        let col_token: Vec<u32> = (0..50).collect();
+        let medians = vec![1.0f32; 50];
+        let mut rng = Rng::new(3);
+        let (mut indptr, indices, mut data) = random_csr(&mut rng, 1200, 50, 20);
+        // indptr decreases at cell 900 (a later batch than the bad count below).
+        indptr[901] = indptr[900] - 1;
+        for threads in [1, 3] {
+            let e = tokenize_chunk(
+                &indptr,
+                &indices,
+                &data,
+                &col_token,
+                &medians,
+                &params(8, true, threads),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(e, Error::MalformedIndptr { cell: 900, .. }),
+                "{e:?}"
+            );
+        }
+        let row = (300..900).find(|&i| indptr[i + 1] > indptr[i]).unwrap();
+        data[(indptr[row] - 1000) as usize] = -1.0;
+        for threads in [1, 3] {
+            let e = tokenize_chunk(
+                &indptr,
+                &indices,
+                &data,
+                &col_token,
+                &medians,
+                &params(8, true, threads),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(e, Error::NegativeCount { cell, .. } if cell == row),
+                "{e:?}"
+            );
+        }
     }
 
     #[test]
