@@ -285,3 +285,42 @@ def test_rust_equals_numpy_reference_on_kang(tmp_path):
     stored = corpus.values[: len(values)]
     ulp = np.abs(stored.view(np.int32).astype(np.int64) - values.view(np.int32).astype(np.int64))
     assert ulp.max() <= 1
+
+
+def test_fast_shard_writer_writes_zarrs_bytes(tmp_path, monkeypatch):
+    """Whole token shards bypass zarr's codec pipeline; the files must still be zarr's, byte for byte."""
+    import genecompass.corpus as corpus_module
+    from genecompass.corpus import CorpusWriter
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 2048, size=3000)
+    n = int(lengths.sum())  # > 2 shards of 2^20 tokens
+    genes = rng.integers(0, 97_000, size=n).astype(np.uint32)
+    values = rng.random(n).astype(np.float32)
+    values[(1 << 20) + 5 : (1 << 20) + 70_000] = np.nan  # an inner chunk equal to the fill value
+
+    def write(path):
+        with CorpusWriter(path, attrs={}, overwrite=True) as writer:
+            for a in range(0, len(lengths), 700):
+                block = lengths[a : a + 700]
+                lo, hi = int(lengths[:a].sum()), int(lengths[: a + 700].sum())
+                writer.append(lengths=block, genes=genes[lo:hi], values=values[lo:hi],
+                              species=np.zeros(len(block), np.uint8), source=np.zeros(len(block), np.uint16),
+                              n_expressed=block.astype(np.uint32))
+
+    write(tmp_path / "fast.zarr")
+    monkeypatch.setattr(corpus_module._ShardWriter, "for_array", classmethod(lambda cls, array, root: None))
+    write(tmp_path / "zarr.zarr")
+    def files(root):
+        return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+    fast, slow = tmp_path / "fast.zarr", tmp_path / "zarr.zarr"
+    assert files(fast) == files(slow)
+    assert any(str(f).startswith("tokens/gene/c/") for f in files(fast))
+    for f in files(fast):
+        assert (fast / f).read_bytes() == (slow / f).read_bytes(), f
+    import zarr
+
+    root = zarr.open_group(fast, mode="r")
+    np.testing.assert_array_equal(root["tokens/gene"][:], genes)
+    np.testing.assert_array_equal(root["tokens/value"][:], values)
