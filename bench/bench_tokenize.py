@@ -4,12 +4,17 @@ In one run, on PBMC3k and on Kang 2018 concatenated to >= 100,000 cells (uncompr
 into the cache), each measurement in its own subprocess so peak RSS is its own:
   - read only: stream the matrix through gc's reader (and raw h5py, the floor);
   - gc tokenize (Rust core), medians pass included;
-  - the original GeneCompass approach: a per-cell Python loop on dense rows with a full argsort
-    (measured on a prefix of cells, reported as cells/s);
+  - the original GeneCompass approach (preprocess.py): a dense matrix normalised and median-divided as a
+    whole, then a per-cell Python loop (non-zero genes, argsort, a token-dictionary lookup per gene), measured
+    on a prefix of cells and reported as cells/s; also this script's earlier variant (per-cell normalisation
+    and a full argsort over every gene of the dense row);
   - peak RSS of gc tokenize at 1x and 10x input;
   - shuffled random access: the corpus training reader vs AnnData backed row access on the same cells.
 
-Usage: python bench/tokenize.py [--cache DIR] [--copies 8] [--python-cells 2000]
+Usage: python bench/bench_tokenize.py [--cache DIR] [--copies 8] [--python-cells 2000] [--random-cells 2000]
+
+Every measurement also reports its process's CPU seconds (user + system, imports included), so that
+timings taken on a busy machine can be read against the CPU work they needed.
 """
 
 from __future__ import annotations
@@ -96,11 +101,7 @@ def measure_medians(path: str, out: str) -> dict:
     return {"cells": None, "seconds": seconds}
 
 
-def measure_python_loop(path: str, n_cells: int, medians_file: str) -> dict:
-    """The original preprocess.py approach: dense cell rows over all genes, median division, log2(1+x), a full
-    argsort per cell, and a token-dictionary lookup per kept gene."""
-    import anndata as ad
-
+def _python_inputs(path: str, medians_file: str):
     from genecompass.io import open_counts
     from genecompass.medians import Medians
     from genecompass.reference import load_reference
@@ -112,10 +113,50 @@ def measure_python_loop(path: str, n_cells: int, medians_file: str) -> dict:
     gene_ids = [g if ok else None for g, ok in zip(gene_map.gene_ids, in_vocab)]
     token_dict = {g: int(t) for g, t in zip(gene_ids, gene_map.col_token) if g is not None}
     gene_median = np.where(in_vocab, medians[np.minimum(gene_map.col_token, len(medians) - 1)], np.nan)
+    return in_vocab, gene_ids, token_dict, gene_median
+
+
+def measure_python_loop(path: str, n_cells: int, medians_file: str) -> dict:
+    """The original preprocess.py: the cells as a dense matrix restricted to the genes of the token
+    dictionary; normalisation (library size, as gc does by default; the original left that line commented
+    out) and the median division over the whole matrix (genes without a median divide by 1, as there);
+    log2(1 + x) over the whole matrix; then one cell at a time (``tokenize_cell``): the non-zero genes,
+    ``argsort(-value)``, a token-dictionary lookup per gene, the top 2,048 into dense output arrays."""
+    import anndata as ad
+
+    in_vocab, gene_ids, token_dict, gene_median = _python_inputs(path, medians_file)
+    columns = np.flatnonzero(in_vocab)
+    gene_list = np.array([gene_ids[c] for c in columns], dtype=object)
+    median = np.nan_to_num(gene_median[columns], nan=1.0)
     adata = ad.read_h5ad(path, backed="r")
     start = time.perf_counter()
     dense = adata.X[:n_cells].toarray()
-    for row in dense:  # one cell at a time, as preprocess.py does
+    total = dense.sum(axis=1, keepdims=True)
+    matrix = dense / np.where(total > 0, total, 1) * 1e4
+    matrix = matrix[:, columns] / median
+    matrix = np.log2(1 + matrix)
+    input_ids = np.zeros((n_cells, 2048))
+    values = np.zeros((n_cells, 2048))
+    for index, row in enumerate(matrix):  # one cell at a time, as preprocess.py does
+        nonzero = np.nonzero(row)[0]
+        order = np.argsort(-row[nonzero])
+        genes = gene_list[nonzero][order][:2048]
+        ids = [token_dict[g] for g in genes]
+        input_ids[index, : len(ids)] = ids
+        values[index, : len(ids)] = row[nonzero][order][:2048]
+    return {"cells": n_cells, "seconds": time.perf_counter() - start}
+
+
+def measure_python_loop_full_argsort(path: str, n_cells: int, medians_file: str) -> dict:
+    """This script's earlier baseline (kept for comparison with older results): per-cell normalisation of the
+    dense row and a full argsort over every gene of the row, then a token-dictionary lookup per kept gene."""
+    import anndata as ad
+
+    in_vocab, gene_ids, token_dict, gene_median = _python_inputs(path, medians_file)
+    adata = ad.read_h5ad(path, backed="r")
+    start = time.perf_counter()
+    dense = adata.X[:n_cells].toarray()
+    for row in dense:
         x = row / row.sum() * 1e4
         value = np.log2(1 + x / gene_median)
         value[~(row > 0) | ~np.isfinite(value)] = 0
@@ -167,6 +208,7 @@ MODES = {
     "rust": measure_rust,
     "medians": measure_medians,
     "python": measure_python_loop,
+    "python_full_argsort": measure_python_loop_full_argsort,
     "random": measure_random_access,
 }
 
@@ -179,12 +221,20 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all its threads, imports included)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_with_rss(mode: str, *args) -> dict:
     """One measurement in a fresh interpreter, with that process's own peak RSS (MiB)."""
     code = (
         f"import json,sys; sys.path.insert(0, {str(REPO)!r}); import bench.bench_tokenize as b; "
         f"r = b.MODES[{mode!r}](*{list(args)!r}); r['peak_rss_mib'] = round(b._peak_rss_mib(), 1); "
-        f"print(json.dumps(r))"
+        f"r['cpu_seconds'] = round(b._cpu_seconds(), 2); print(json.dumps(r))"
     )
     output = subprocess.run(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO, check=True
@@ -223,6 +273,9 @@ def main() -> None:
                 "tokenize_with_medians": run_with_rss("rust", path, medians),
                 "tokenize_end_to_end": run_with_rss("rust", path),
                 "python_loop": run_with_rss("python", path, args.python_cells, medians),
+                "python_loop_full_argsort": run_with_rss(
+                    "python_full_argsort", path, args.python_cells, medians
+                ),
             }
         results["rss_scaling"] = {
             "kang_x1": run_with_rss("rust", str(kang_1x)),
