@@ -10,7 +10,7 @@ import typer
 from genecompass import __version__
 from genecompass.errors import GcError
 
-from . import corpus, data, embed, finetune, grn, knowledge, perturb, pretrain, qc, reference, tokenize
+from . import bench, corpus, data, embed, finetune, grn, knowledge, perturb, pretrain, qc, reference, tokenize
 from .console import err_console
 
 app = typer.Typer(
@@ -45,7 +45,11 @@ def _root(
     """gc — the GeneCompass toolkit."""
 
 
-for module in (reference, data, qc, tokenize, corpus, knowledge, pretrain, embed, finetune, perturb, grn):
+# In the order `gc --help` lists them: the pipeline's stages first.
+COMMAND_GROUPS = (
+    reference, data, qc, tokenize, corpus, knowledge, pretrain, embed, finetune, perturb, grn, bench,
+)
+for module in COMMAND_GROUPS:
     module.register(app)
 
 
