@@ -873,8 +873,10 @@ def _export(
                 state[key] = converted[tensor.data_ptr()]
             if model_dir.exists():
                 shutil.rmtree(model_dir)
-            model.save_pretrained(model_dir, state_dict=state)
+            from .run import quiet_transformers, write_run_info
+
+            with quiet_transformers():  # no "Writing model shards" bar in the run's output
+                model.save_pretrained(model_dir, state_dict=state)
             if corpus is not None:
-                from .run import write_run_info
 
                 write_run_info(model_dir, corpus, reference, max_length=max_length)
