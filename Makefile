@@ -35,6 +35,16 @@ demo: setup
 	$(GC) pretrain --corpus $(DEMO)/pbmc3k.zarr --config tiny --knowledge $(DEMO)/knowledge \
 		--max-steps 100 --out $(DEMO)/run
 	@echo "loss curve: $(DEMO)/run/loss_curve.png"
+	$(GC) embed --model $(DEMO)/run data/pbmc3k.h5ad --out $(DEMO)/pbmc3k_embedded.h5ad --plot cell_type
+	$(GC) bench annotate data/pbmc3k.h5ad --model $(DEMO)/run --rows pretrained,hvg-lr --epochs 3 \
+		--max-length 129 --out $(DEMO)/annotate
+	$(GC) perturb --model $(DEMO)/run $(DEMO)/pbmc3k.zarr --overexpress FCGR3A --level cell-max \
+		--cells-key cell_type --source 'CD14 Monocytes' --target 'FCGR3A Monocytes' --max-cells 100 \
+		--out $(DEMO)/perturb
+	$(GC) perturb screen --model $(DEMO)/run $(DEMO)/pbmc3k.zarr --cells-key cell_type \
+		--source 'CD14 Monocytes' --target 'FCGR3A Monocytes' --genes data/demo_screen_genes.txt \
+		--max-cells 50 --n-random 5 --out $(DEMO)/screen
+	@echo "plots: $(DEMO)/pbmc3k_embedded.png $(DEMO)/perturb/*.png; screen ranking: $(DEMO)/screen/screen.csv"
 
 # shellcheck lints the container scripts (tests/test_containers.py); Debian's package, installed once.
 system-deps:

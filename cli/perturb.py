@@ -226,9 +226,31 @@ def screen(
         f"already done, of {result['batches_total']} · {result['genes_done']}/{result['genes_total']} genes"
     )
     if result["table"]:
+        _print_top(result["table"], settings.targets)
         console.print(f"table: {result['table']} (and screen.csv)")
     else:
         console.print("other shards are still running or missing; `gc perturb merge DIR` when all are done")
+
+
+def _print_top(table_path: str, targets: list[str], n: int = 10) -> None:
+    """The head of the ranking: mean shift toward each target and its FDR against the random-gene null."""
+    import pandas as pd
+    from rich.table import Table
+
+    table = pd.read_parquet(table_path).head(n)
+    view = Table(title=f"top {len(table)} of the screen (rank over all targets)")
+    view.add_column("rank", justify="right")
+    view.add_column("gene")
+    for target in targets:
+        view.add_column(f"shift → {target}", justify="right")
+        view.add_column("FDR", justify="right")
+    for _, row in table.iterrows():
+        cells = [f"{row['rank_all_targets']:.0f}", str(row["gene"])]
+        for target in targets:
+            fdr = row.get(f"fdr_target:{target}")
+            cells += [f"{row[f'mean_shift_target:{target}']:+.3g}", "-" if pd.isna(fdr) else f"{fdr:.3g}"]
+        view.add_row(*cells)
+    console.print(view)
 
 
 @perturb_app.command("merge")
