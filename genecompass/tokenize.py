@@ -303,7 +303,7 @@ def _tokenize_part(
     species_code = 0 if item.gene_map.species == "human" else 1
     written = 0
     # Writing (compression) runs in one background thread, overlapping the next chunk's read and
-    # tokenisation; at most two chunks wait, so memory stays bounded. One writer thread keeps the order.
+    # tokenisation; at most one chunk waits, so memory stays bounded. One writer thread keeps the order.
     with (
         CorpusWriter(
             part, attrs=attrs, obs_keys=options.obs_keys, gene_medians=medians.values, overwrite=True
@@ -341,7 +341,7 @@ def _tokenize_part(
                     },
                 )
             )
-            while len(pending) > 2:
+            while len(pending) > 1:
                 pending.popleft().result()
             written += n
             on_cells(chunk.stop - chunk.start)

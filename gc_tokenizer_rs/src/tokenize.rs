@@ -1,10 +1,13 @@
 //! Chunk tokenisation: normalise, rank and truncate every cell of a CSR chunk, in parallel.
 //!
 //! Cells are processed in fixed batches of [`BATCH_CELLS`] consecutive cells; each rayon task
-//! reuses one scratch (dense per-token accumulator plus candidate buffers, see `map_init`), so
-//! there is no per-cell heap allocation. Batch results are collected in input order and
-//! concatenated, so 1 thread and N threads give identical bytes. On invalid input the error of
-//! the first offending cell (in cell order) is returned, whatever the thread count.
+//! reuses one scratch (dense per-token accumulator plus packed sort keys, see `map_init`), so
+//! there is no per-cell heap allocation. Each batch writes its tokens straight into its own
+//! region of the chunk's output arrays (a cell keeps at most one token per stored entry, so the
+//! regions follow `indptr`); the regions are then compacted in order, so 1 thread and N threads
+//! give identical bytes. Ranking sorts packed `u64` keys ([`crate::topk::KeyLayout`]) and is
+//! exactly the comparator order. On invalid input the error of the first offending cell (in cell
+//! order) is returned, whatever the thread count.
 
 use std::ops::Range;
 
