@@ -473,3 +473,13 @@ def test_legacy_h5ad(tmp, pbmc3k_subset):
         assert same_matrix(assemble(src, 7), X)
         assert src.var_names == list(sub.var_names)
         assert list(src.read_obs(["cell_type"])["cell_type"]) == list(sub.obs["cell_type"])
+
+
+@pytest.mark.parametrize("name", ["h5ad_csr", "10x_h5_v3"])
+def test_sparse_arrays_read_through_a_small_chunk_cache(inputs, name):
+    """Stored CSR arrays are read sequentially: each gets a 1 MiB HDF5 chunk cache, not the file's 64 MiB."""
+    path, expected = inputs[name]
+    with open_counts(path) as src:
+        for dataset in (src._rows.indices, src._rows.data):
+            assert dataset.id.get_access_plist().get_chunk_cache()[1] == gio._H5_SPARSE_CACHE_BYTES
+        assert same_matrix(assemble(src, 100), expected)
