@@ -103,19 +103,23 @@ def evaluate(
     reference: Path = typer.Option(
         ..., "--reference", help="Reference edges (TSV with tf_token, target_token), e.g. grn_holdout.tsv."
     ),
+    exclude: Path | None = typer.Option(
+        None, "--exclude", help="Edges to leave out of the candidates, e.g. the prior's grn_train.tsv."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Also write the metrics to this JSON file."),
     as_json: bool = JsonOption,
 ) -> None:
     """Score inferred edges against held-out reference edges: AUPRC and early precision vs random.
 
-    Example: gc grn eval --edges edges.tsv --reference knowledge/grn_holdout.tsv --json
+    Example: gc grn eval --edges edges.tsv --reference knowledge/grn_holdout.tsv --exclude
+    knowledge/grn_train.tsv --json
     """
     import json
 
     from genecompass.grn import evaluate as run_eval
 
-    existing_paths([edges, reference])
-    metrics = run_eval(edges, reference)
+    existing_paths([edges, reference] + ([exclude] if exclude else []))
+    metrics = run_eval(edges, reference, exclude)
     if out is not None:
         out.write_text(json.dumps(metrics, indent=2))
     if as_json:

@@ -170,15 +170,22 @@ def _read_tsv(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:
     return frame
 
 
-def evaluate(edges_path: str | Path, reference_path: str | Path) -> dict:
+def evaluate(
+    edges_path: str | Path, reference_path: str | Path, exclude_path: str | Path | None = None
+) -> dict:
     """AUPRC and early precision of the edges against a reference edge file (columns tf_token, target_token;
     e.g. ``grn_holdout.tsv``), both as undirected pairs, over all pairs of the inferred gene universe
     (``<edges>.genes.txt`` if present, else the genes in the edge file); unlisted pairs rank last.
-    Early precision = precision of the top-k edges, k = number of reference edges in the universe. The random
-    baseline of both is the reference's edge density."""
+    ``exclude_path`` (same columns, e.g. ``grn_train.tsv``): pairs the model was given as prior knowledge,
+    removed from the candidates (neither hits nor misses). Early precision = precision of the top-k edges,
+    k = number of reference edges among the candidates. The random baseline of both is the reference's edge
+    density among the candidates."""
     edges_path, reference_path = Path(edges_path), Path(reference_path)
     edges = _read_tsv(edges_path, ["tf_token", "target_token", "score"], "edge")
     ref = _read_tsv(reference_path, ["tf_token", "target_token"], "reference edge")
+    excluded = None
+    if exclude_path is not None:
+        excluded = _read_tsv(Path(exclude_path), ["tf_token", "target_token"], "excluded edge")
     genes_file = Path(f"{edges_path}.genes.txt")
     if genes_file.is_file():
         universe = np.array([int(x) for x in genes_file.read_text().split()], np.int64)
@@ -198,8 +205,14 @@ def evaluate(edges_path: str | Path, reference_path: str | Path) -> dict:
         index = lo * n - lo * (lo + 1) // 2 + (hi - lo - 1)  # position in the upper triangle, row-major
         return np.where(ok, index, -1)
 
+    candidate = np.ones(n_pairs, bool)
+    if excluded is not None:
+        tfs, targets = (excluded[c].to_numpy(np.int64) for c in ("tf_token", "target_token"))
+        drop = pair_index(tfs, targets)
+        candidate[drop[drop >= 0]] = False
     ref_idx = pair_index(ref["tf_token"].to_numpy(np.int64), ref["target_token"].to_numpy(np.int64))
     ref_idx = np.unique(ref_idx[ref_idx >= 0])
+    ref_idx = ref_idx[candidate[ref_idx]]
     if len(ref_idx) == 0:
         raise InputError(
             f"{reference_path}: no reference edge joins two genes of the inferred set ({n} genes); "
@@ -211,19 +224,23 @@ def evaluate(edges_path: str | Path, reference_path: str | Path) -> dict:
     np.maximum.at(scores, edge_idx[ok], edges["score"].to_numpy(np.float64)[ok])
     truth = np.zeros(n_pairs, bool)
     truth[ref_idx] = True
+    scores, truth = scores[candidate], truth[candidate]
+    n_candidates = int(candidate.sum())
     finite_min = scores[np.isfinite(scores)].min() if np.isfinite(scores).any() else 0.0
     ranked = np.where(np.isfinite(scores), scores, finite_min - 1.0)
     k = len(ref_idx)
     top = np.argsort(-ranked, kind="stable")[:k]
     top = top[np.isfinite(scores[top])]  # unlisted pairs are not predictions
-    density = k / n_pairs
+    density = k / n_candidates
     auprc = average_precision(truth, ranked)
     early = float(truth[top].sum() / k)
     return {
         "edges": str(edges_path),
         "reference": str(reference_path),
         "genes": int(n),
-        "candidate_pairs": int(n_pairs),
+        "candidate_pairs": n_candidates,
+        "excluded_pairs": int(n_pairs - n_candidates),
+        "excluded": str(exclude_path) if exclude_path else None,
         "predicted_edges": int(ok.sum()),
         "reference_edges": int(k),
         "auprc": auprc,

@@ -81,6 +81,13 @@ def test_evaluate_counts_unlisted_pairs_as_negatives(tmp_path):
     with pytest.raises(InputError, match="lacks columns"):
         evaluate(tmp_path / "r.tsv", tmp_path / "e.tsv")
 
+    # the prior's training edge (2,4) leaves the candidates: 5 pairs, the miss at rank 2 is gone
+    pd.DataFrame({"tf_token": [4], "target_token": [2]}).to_csv(tmp_path / "train.tsv", sep="\t")
+    excluded = evaluate(tmp_path / "e.tsv", tmp_path / "r.tsv", tmp_path / "train.tsv")
+    assert excluded["candidate_pairs"] == 5 and excluded["excluded_pairs"] == 1
+    assert excluded["auprc_random"] == pytest.approx(2 / 5)
+    assert excluded["auprc"] == pytest.approx(0.5 * 1.0 + 0.5 * (2 / 5))
+
 
 @pytest.fixture(scope="module")
 def tiny_run(pbmc3k_corpus, tmp_path_factory):
