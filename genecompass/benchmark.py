@@ -163,6 +163,18 @@ def untrained_copy(run, out: str | Path, *, seed: int = 0) -> Path:
 # The benchmark
 
 
+def _truncated_run(run, max_length: int | None):
+    """The run, embedding at most ``max_length`` tokens per cell (as its fine-tuning rows see them)."""
+    from dataclasses import replace
+
+    from .run import load_run
+
+    loaded = load_run(run)
+    if max_length is None:
+        return loaded
+    return replace(loaded, max_length=min(max_length, loaded.max_length))
+
+
 def _load_counts(data):
     import anndata as ad
 
@@ -252,7 +264,7 @@ def annotate_benchmark(
                         target_sum=settings.target_sum, seed=settings.finetune.seed,
                     )
                 else:
-                    embedded = embed(adata.copy(), run)
+                    embedded = embed(adata.copy(), _truncated_run(run, settings.finetune.max_length))
                     predicted = knn_predict(embedded.obsm[EMBEDDING_KEY], labels, train, test, settings.knn_k)
                 full = classification_metrics(labels[test], predicted, majority)
                 metrics = {k: full[k] for k in ("macro_f1", "accuracy", "majority_class_rate", "n_cells")}
