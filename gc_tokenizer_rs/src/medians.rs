@@ -44,7 +44,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::normalize::{
-    check_gene_map, normalize_cell, validate_row, CellScratch, CsrChunk, NormParams,
+    check_gene_map, normalize_validated, validate_row, CellScratch, CsrChunk, NormParams,
 };
 use crate::tokenize::{build_pool, BATCH_CELLS};
 
@@ -292,16 +292,18 @@ fn normalize_batch(
 ) -> Result<BatchValues> {
     scratch.batch.clear();
     for cell in cells {
+        // Every row was validated before (step 1 of `add_chunk_windowed`): skip the checks.
         let (indices, data) = matrix.row(cell)?;
-        normalize_cell(
-            cell,
+        let total = data.iter().map(|&v| f64::from(v)).sum::<f64>(); // as `validate_row` sums
+        normalize_validated(
+            total,
             indices,
             data,
             col_token,
             params,
             &mut scratch.cell,
             &mut scratch.normalized,
-        )?;
+        );
         scratch
             .batch
             .extend(scratch.normalized.iter().map(|&(token, x)| Entry {

@@ -206,6 +206,22 @@ pub fn normalize_cell(
         col_token.len(),
         params.allow_non_integer,
     )?;
+    normalize_validated(total, indices, data, col_token, params, scratch, out);
+    Ok(())
+}
+
+/// [`normalize_cell`] for a row that [`validate_row`] has accepted, whose sum it returned as
+/// `total` (so the checks are not repeated).
+pub fn normalize_validated(
+    total: f64,
+    indices: &[u32],
+    data: &[f32],
+    col_token: &[u32],
+    params: &NormParams,
+    scratch: &mut CellScratch,
+    out: &mut Vec<(u32, f64)>,
+) {
+    out.clear();
     // Pass 2: sum duplicate columns per token (f64, index order). Only c > 0 is added, so a
     // slot that is still 0.0 has not been touched in this cell.
     let CellScratch { acc, touched } = scratch;
@@ -234,7 +250,6 @@ pub fn normalize_cell(
         };
         out.push((token, x));
     }
-    Ok(())
 }
 
 /// Whether a median is usable: finite and > 0 (NaN, inf, 0 and negatives mean "unknown").
