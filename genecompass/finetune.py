@@ -774,6 +774,7 @@ def finetune_gene_class(
         lookup = torch.full((vocab_size,), IGNORE_INDEX, dtype=torch.long)
         lookup[torch.from_numpy(train_genes)] = torch.from_numpy(gene_y[fold_of != fold])
         assert not (lookup[torch.from_numpy(test_genes)] != IGNORE_INDEX).any()  # disjoint by gene
+        lookup = lookup.to(device)
         train_cells = _cells_with(tokens, train_genes)
         model = load_classifier(
             run,
