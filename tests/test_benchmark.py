@@ -37,10 +37,10 @@ def test_highly_variable_genes_prefers_overdispersed_genes():
     from genecompass.benchmark import highly_variable_genes, log_normalise
 
     rng = np.random.default_rng(0)
-    n_cells, n_genes = 400, 60
-    mean = np.tile([2.0, 5.0, 20.0], n_genes // 3)
+    n_cells, n_genes = 500, 300
+    mean = np.geomspace(0.5, 20.0, n_genes)  # every mean bin populated
     counts = rng.poisson(mean, size=(n_cells, n_genes)).astype(np.float32)
-    bursty = [4, 31, 47]  # same mean as their neighbours, but zero in most cells, high in a few
+    bursty = [60, 150, 240]  # the same mean as their neighbours, but zero in 90 % of cells
     for gene in bursty:
         on = rng.random(n_cells) < 0.1
         counts[:, gene] = np.where(on, rng.poisson(mean[gene] * 10, n_cells), 0)
