@@ -43,6 +43,16 @@ def existing_paths(paths: list[Path]) -> list[Path]:
     return paths
 
 
+def warn_unknown(names: list[str], source: Path) -> None:
+    """One line on stderr for genes of a list file that have no token (they are skipped)."""
+    if names:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        err_console.print(
+            f"[yellow]warning:[/] {source}: {len(names)} gene(s) not in the vocabulary, skipped: {shown}",
+            highlight=False,
+        )
+
+
 @contextmanager
 def progress_bar(description: str, unit: str = "cells") -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar; yields the ``(done, total)`` callback the library functions accept."""

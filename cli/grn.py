@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .console import JsonOption, console, existing_paths, print_json, progress_bar
+from .console import JsonOption, console, existing_paths, print_json, progress_bar, warn_unknown
 
 grn_app = typer.Typer(help="Gene regulatory networks from gene embeddings.", no_args_is_help=True)
 
@@ -54,15 +54,20 @@ def infer(
     """
     from genecompass.errors import InputError
     from genecompass.grn import gene_embeddings, infer_edges, write_edges
-    from genecompass.perturb import load_model, read_gene_file, resolve_genes
+    from genecompass.perturb import load_model, read_gene_file, resolve_gene_list
     from genecompass.reference import load_reference
 
     existing_paths([model, corpus])
     if sum([threshold is not None, top_k is not None, all_pairs]) > 1:
         raise InputError("give at most one of --threshold, --top-k, --all-pairs")
     reference = load_reference()
-    gene_tokens = resolve_genes(read_gene_file(genes), reference) if genes else None
-    tf_tokens = resolve_genes(read_gene_file(tfs), reference) if tfs else None
+    gene_tokens = tf_tokens = None
+    if genes:
+        gene_tokens, unknown = resolve_gene_list(read_gene_file(genes), reference, source=str(genes))
+        warn_unknown(unknown, genes)
+    if tfs:
+        tf_tokens, unknown = resolve_gene_list(read_gene_file(tfs), reference, source=str(tfs))
+        warn_unknown(unknown, tfs)
     encoder = load_model(model, knowledge_dir=knowledge)
     with progress_bar("gene embeddings") as update:
         tokens, embeddings, _ = gene_embeddings(

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
-from .console import JsonOption, console, existing_paths, print_json, progress_bar
+from .console import JsonOption, console, existing_paths, print_json, progress_bar, warn_unknown
 
 
 class _DefaultRunGroup(TyperGroup):
@@ -218,6 +218,7 @@ def screen(
             max_tokens=max_tokens,
             progress=update,
         )
+    warn_unknown(result["unknown_genes"], Path(genes))
     if as_json:
         print_json(result)
         return

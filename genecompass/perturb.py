@@ -385,6 +385,26 @@ def resolve_genes(names: Iterable[str], reference=None, species: Sequence[str] |
     return tokens
 
 
+def resolve_gene_list(
+    names: Sequence[str], reference=None, species: Sequence[str] | None = None, *, source: str = "gene list"
+) -> tuple[list[int], list[str]]:
+    """Token ids for a gene list (a file of candidates, TFs, ...) and the names that have no token.
+
+    Curated lists routinely hold a few names the vocabulary lacks (renamed or unplaced genes), so unknown
+    names are returned, for the caller to report, rather than fatal; a list where no name resolves is an
+    error naming ``source``."""
+    tokens, unknown = [], []
+    for name in names:
+        try:
+            tokens.extend(resolve_genes([name], reference, species))
+        except InputError:
+            unknown.append(str(name))
+    if not tokens:
+        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise InputError(f"{source}: none of its {len(unknown)} genes is in the vocabulary ({shown})")
+    return tokens, unknown
+
+
 def parse_gene_groups(spec: str) -> list[list[str]]:
     """``"A,B+C"`` → [["A"], ["B", "C"]]: commas separate perturbations, ``+`` joins a combination."""
     groups = [[g.strip() for g in part.split("+") if g.strip()] for part in spec.split(",")]
@@ -948,11 +968,12 @@ def screen(
 
     corpus = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
     reference = load_reference()
-    named = None
-    if genes is not None:  # fail fast on a typo
-        named = np.unique(
-            np.asarray(resolve_genes(genes, reference, list(corpus.attrs.get("species", []))), np.int64)
+    named, unknown = None, []
+    if genes is not None:  # resolve before any model work
+        tokens, unknown = resolve_gene_list(
+            genes, reference, list(corpus.attrs.get("species", [])), source="screen candidates"
         )
+        named = np.unique(np.asarray(tokens, np.int64))
     setup = prepare(
         model,
         corpus,
@@ -1002,6 +1023,7 @@ def screen(
     result = {
         "out_dir": str(out_dir),
         "candidates": int(len(candidates)),
+        "unknown_genes": unknown,  # named candidates without a token: not screened
         "shard": f"{index}/{n_shards}",
         "batches_written": written,
         "batches_skipped": skipped,

@@ -112,6 +112,16 @@ def test_unknown_gene_says_so_and_points_to_lookup():
     assert human > 3
 
 
+
+def test_gene_list_skips_unknown_names_but_not_all_of_them():
+    from genecompass.perturb import resolve_gene_list
+
+    tokens, unknown = resolve_gene_list(["STAT1", "ZBED9", "IRF7", "NOTAGENE1"], source="tfs.txt")
+    assert tokens == resolve_genes(["STAT1", "IRF7"]) and unknown == ["ZBED9", "NOTAGENE1"]
+    with pytest.raises(InputError, match=r"tfs.txt: none of its 2 genes is in the vocabulary"):
+        resolve_gene_list(["ZBED9", "NOTAGENE1"], source="tfs.txt")
+
+
 # ---------------------------------------------------------------------------- tiny model, real data
 def tiny_run_dir(pbmc3k_corpus, tmp_path_factory) -> Path:
     """A tiny model pre-trained briefly on PBMC3k, shared by this module and test_grn (built once)."""
