@@ -42,9 +42,8 @@ def annotate(
     without pre-training, HVG + PCA + logistic regression, and k-NN on zero-shot embeddings — all on the same
     held-out cells.
 
-    Example (train on control, test on stimulated cells):
-    gc bench annotate kang2018.h5ad --model runs/bench --test-key condition --test-value stimulated
-    --out bench_annotate
+    Example: gc bench annotate kang2018.h5ad --model runs/bench --test-key condition --test-value stimulated
+    --out bench_annotate   (train on control cells, test on stimulated cells)
     """
     from genecompass.benchmark import AnnotateSettings, annotate_benchmark, results_table
     from genecompass.finetune import FinetuneOptions
