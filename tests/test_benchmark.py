@@ -67,7 +67,8 @@ def test_untrained_copy_keeps_architecture_not_weights(run_dir, tmp_path):
 
     trained, fresh = load_run(run_dir), load_run(untrained_copy(run_dir, tmp_path / "fresh"))
     sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings", "knowledge_tables")
-    assert [getattr(trained.model.config, k) for k in sizes] == [getattr(fresh.model.config, k) for k in sizes]
+    for key in sizes:
+        assert getattr(trained.model.config, key) == getattr(fresh.model.config, key), key
     assert trained.medians_hash == fresh.medians_hash
     a = trained.model.embeddings.gene_embeddings.weight
     b = fresh.model.embeddings.gene_embeddings.weight
