@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .console import JsonOption, OverwriteOption, console, err_console, existing_paths, print_json
+from .finetune import CellBatchSizeOption, CellEpochsOption, LrOption, MaxLengthOption
 
 bench_app = typer.Typer(help="Benchmarks against baselines, on the same cells.", no_args_is_help=True)
 
@@ -25,12 +26,10 @@ def annotate(
     rows: str = typer.Option(
         "pretrained,scratch,hvg-lr,knn", "--rows", help="Which methods to run (comma-separated)."
     ),
-    epochs: int = typer.Option(10, "--epochs", min=1, help="Fine-tuning passes over the training cells."),
-    lr: float = typer.Option(1e-3, "--lr", help="Fine-tuning peak learning rate."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Cells per fine-tuning step."),
-    max_length: int | None = typer.Option(
-        None, "--max-length", min=2, help="Tokens per cell incl. the species token (default: the run's)."
-    ),
+    epochs: int = CellEpochsOption,
+    lr: float = LrOption,
+    batch_size: int = CellBatchSizeOption,
+    max_length: int | None = MaxLengthOption,
     n_hvg: int = typer.Option(2000, "--n-hvg", min=2, help="Highly variable genes for the baseline."),
     n_pcs: int = typer.Option(50, "--n-pcs", min=1, help="Principal components for the baseline."),
     knn_k: int = typer.Option(15, "--knn-k", min=1, help="Neighbours for k-NN on zero-shot embeddings."),

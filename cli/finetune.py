@@ -13,6 +13,14 @@ finetune_app = typer.Typer(
     help="Fine-tune a pre-trained GeneCompass run on a labelled task.", no_args_is_help=True
 )
 
+# Fine-tuning options shared with `gc bench annotate` (which fine-tunes the same way).
+LrOption = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up then linear decay).")
+CellEpochsOption = typer.Option(10, "--epochs", min=1, help="Passes over the training cells.")
+CellBatchSizeOption = typer.Option(32, "--batch-size", min=1, help="Cells per optimizer step.")
+MaxLengthOption = typer.Option(
+    None, "--max-length", min=2, help="Tokens per cell incl. the species token (default: the run's)."
+)
+
 
 @finetune_app.command("celltype")
 def celltype(
@@ -30,12 +38,10 @@ def celltype(
     freeze_layers: int = typer.Option(
         0, "--freeze-layers", min=0, help="Freeze the input embedding and the first N encoder layers."
     ),
-    epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training cells."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up then linear decay)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Cells per optimizer step."),
-    max_length: int | None = typer.Option(
-        None, "--max-length", min=2, help="Tokens per cell incl. the species token (default: the run's)."
-    ),
+    epochs: int = CellEpochsOption,
+    lr: float = LrOption,
+    batch_size: int = CellBatchSizeOption,
+    max_length: int | None = MaxLengthOption,
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for the splits, shuffling and the head."),
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
@@ -114,11 +120,9 @@ def gene_class(
         0, "--freeze-layers", min=0, help="Freeze the input embedding and the first N encoder layers."
     ),
     epochs: int = typer.Option(2, "--epochs", min=1, help="Passes over the training cells, per fold."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up then linear decay)."),
+    lr: float = LrOption,
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Cells per optimizer step."),
-    max_length: int | None = typer.Option(
-        None, "--max-length", min=2, help="Tokens per cell incl. the species token (default: the run's)."
-    ),
+    max_length: int | None = MaxLengthOption,
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for the folds, cell sampling, shuffling, heads."),
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
