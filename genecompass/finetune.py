@@ -293,7 +293,7 @@ def finetune_celltype(
 
     from .corpus import check_output_path
     from .model import GeneCompassForCellClassification
-    from .run import LoadedRun, load_run
+    from .run import LoadedRun, load_run, quiet_transformers
 
     out = Path(out)
     check_output_path(out, overwrite)
@@ -402,7 +402,8 @@ def finetune_celltype(
     with atomic_directory(out) as tmp:
         model_dir = tmp / "model"
         model.to("cpu")
-        model.save_pretrained(model_dir)
+        with quiet_transformers():  # no "Writing model shards" bar
+            model.save_pretrained(model_dir)
         shutil.copyfile(run.path / "medians.tsv", model_dir / "medians.tsv")
         info = {**run.info, "max_length": max_length, "task": "celltype", "label_key": label_key}
         (model_dir / "gc_run.json").write_text(json.dumps(info, indent=2) + "\n")
