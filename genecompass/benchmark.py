@@ -186,11 +186,12 @@ def _load_counts(data):
     return ad.read_h5ad(path)
 
 
-def _split(obs: pd.DataFrame, settings: AnnotateSettings) -> np.ndarray:
+def _split(obs: pd.DataFrame, settings: AnnotateSettings, where: str) -> np.ndarray:
     """Boolean test mask over cells with a label."""
     for key in [settings.label_key] + ([settings.test_key] if settings.test_key else []):
         if key not in obs.columns:
-            raise InputError(f"no obs column {key!r}; available: {', '.join(obs.columns) or 'none'}")
+            available = ", ".join(obs.columns) or "none"
+            raise InputError(f"{where}: no obs column {key!r}; available: {available}")
     has_label = obs[settings.label_key].notna().to_numpy()
     if settings.test_key is not None:
         is_test = (obs[settings.test_key].astype(str) == str(settings.test_value)).to_numpy()
@@ -201,7 +202,7 @@ def _split(obs: pd.DataFrame, settings: AnnotateSettings) -> np.ndarray:
     is_test &= has_label
     if not is_test.any() or not (has_label & ~is_test).any():
         raise InputError(
-            f"the split holds out {int(is_test.sum())} of {int(has_label.sum())} labelled cells; "
+            f"{where}: the split holds out {int(is_test.sum())} of {int(has_label.sum())} labelled cells; "
             "need cells on both sides"
         )
     return is_test
@@ -225,7 +226,8 @@ def annotate_benchmark(
     check_output_path(out, overwrite)
     say = progress or (lambda message: None)
     adata = _load_counts(data)
-    is_test = _split(adata.obs, settings)
+    where = "the AnnData" if hasattr(data, "obs") else str(data)
+    is_test = _split(adata.obs, settings, where)
     adata.obs[SPLIT_KEY] = np.where(is_test, "test", "train")
     has_label = adata.obs[settings.label_key].notna().to_numpy()
     labels = adata.obs[settings.label_key].astype(str).to_numpy(object)
@@ -238,7 +240,7 @@ def annotate_benchmark(
     remove_path(tmp)
     tmp.mkdir(parents=True)
     results: dict = {
-        "data": str(data) if not hasattr(data, "obs") else "AnnData",
+        "data": where,
         "run": str(run),
         "settings": {**asdict(settings), "finetune": asdict(settings.finetune)},
         "n_train_cells": int(len(train)),

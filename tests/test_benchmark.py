@@ -101,5 +101,6 @@ def test_bench_annotate_rejects_unknown_row_and_missing_key(run_dir, cells_h5ad,
     assert bad_row.exit_code != 0 and "magic" in str(bad_row.exception or bad_row.output)
     bad_key = cli_app(["bench", "annotate", str(cells_h5ad), "--model", str(run_dir),
                        "--out", str(tmp_path / "b"), "--label-key", "nope", "--rows", "hvg-lr"])
-    assert bad_key.exit_code != 0 and "nope" in str(bad_key.exception or bad_key.output)
+    message = str(bad_key.exception or bad_key.output)
+    assert bad_key.exit_code != 0 and "nope" in message and str(cells_h5ad) in message
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
