@@ -210,21 +210,17 @@ pub fn normalize_cell(
     Ok(())
 }
 
-/// [`normalize_cell`] for a row that [`validate_row`] has accepted, whose sum it returned as
-/// `total` (so the checks are not repeated).
-pub fn normalize_validated(
-    total: f64,
+/// Sums a validated row's counts per vocabulary token into `acc` (f64, index order, so duplicate
+/// columns add up the same way everywhere) and lists the tokens touched, in order of first
+/// occurrence, in `touched` (cleared first). Only `c > 0` is added, so a slot that is still 0.0
+/// has not been touched in this cell; the caller resets the touched slots afterwards.
+pub(crate) fn sum_by_token(
     indices: &[u32],
     data: &[f32],
     col_token: &[u32],
-    params: &NormParams,
-    scratch: &mut CellScratch,
-    out: &mut Vec<(u32, f64)>,
+    acc: &mut [f64],
+    touched: &mut Vec<u32>,
 ) {
-    out.clear();
-    // Pass 2: sum duplicate columns per token (f64, index order). Only c > 0 is added, so a
-    // slot that is still 0.0 has not been touched in this cell.
-    let CellScratch { acc, touched } = scratch;
     touched.clear();
     for (&column, &value) in indices.iter().zip(data) {
         let token = col_token[column as usize];
@@ -237,6 +233,23 @@ pub fn normalize_validated(
         }
         *slot += f64::from(value);
     }
+}
+
+/// [`normalize_cell`] for a row that [`validate_row`] has accepted, whose sum it returned as
+/// `total` (so the checks are not repeated).
+pub fn normalize_validated(
+    total: f64,
+    indices: &[u32],
+    data: &[f32],
+    col_token: &[u32],
+    params: &NormParams,
+    scratch: &mut CellScratch,
+    out: &mut Vec<(u32, f64)>,
+) {
+    out.clear();
+    // Pass 2: sum duplicate columns per token.
+    let CellScratch { acc, touched } = scratch;
+    sum_by_token(indices, data, col_token, acc, touched);
     let scale = params.library_size && total > 0.0;
     out.reserve(touched.len());
     for &token in touched.iter() {

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::normalize::{
-    check_gene_map, median_is_known, validate_row, CsrChunk, NormParams, NO_TOKEN,
+    check_gene_map, median_is_known, sum_by_token, validate_row, CsrChunk, NormParams,
 };
 use crate::topk::{select_top_k_packed, token_value, KeyLayout};
 
@@ -129,18 +129,7 @@ fn tokenize_cell(
         keys,
         group,
     } = scratch;
-    touched.clear();
-    for (&column, &value) in indices.iter().zip(data) {
-        let token = col_token[column as usize];
-        if token == NO_TOKEN || value <= 0.0 {
-            continue;
-        }
-        let slot = &mut acc[token as usize];
-        if *slot == 0.0 {
-            touched.push(token);
-        }
-        *slot += f64::from(value);
-    }
+    sum_by_token(indices, data, col_token, acc, touched);
     let scale = norm.library_size && total > 0.0;
     keys.clear();
     let mut dropped = 0u64;
