@@ -39,8 +39,8 @@ def embed(
     plot: str | None = typer.Option(
         None,
         "--plot",
-        help="Write OUT.png coloured by this obs key: UMAP if scanpy is installed, else the first two "
-        "principal components (matplotlib).",
+        help="Write OUT.png coloured by this obs key: a seeded UMAP (umap-learn), or the first two "
+        "principal components without umap-learn or for under 30 cells.",
     ),
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,

@@ -604,9 +604,13 @@ def write_zarr_atomic(adata, out: Path) -> Path:
     return out
 
 
+UMAP_MIN_CELLS = 30  # below this a 15-neighbour graph says little; the plot falls back to PCA
+
+
 def plot_embedding(adata, key: str | None, path: str | Path, *, basis: str = EMBEDDING_KEY) -> str:
-    """Scatter plot of the embedding coloured by ``obs[key]``: UMAP when scanpy is installed, else the first
-    two principal components (NumPy SVD). Returns the method used ("umap" or "pca")."""
+    """Scatter plot of the embedding coloured by ``obs[key]``: UMAP (umap-learn, seeded, 15 neighbours) when
+    umap-learn is installed (the ``train`` extra) and there are enough cells, else the first two principal
+    components (NumPy SVD). Returns the method used ("umap" or "pca")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -618,12 +622,16 @@ def plot_embedding(adata, key: str | None, path: str | Path, *, basis: str = EMB
             f"--plot {key}: no such obs column; available: {', '.join(adata.obs.columns) or 'none'}"
         )
     try:
-        import scanpy as sc
+        if len(x) < UMAP_MIN_CELLS:
+            raise ImportError  # too few cells for a neighbour graph: PCA
+        import warnings
 
-        view = adata.copy()
-        sc.pp.neighbors(view, use_rep=basis)
-        sc.tl.umap(view)
-        xy, method = view.obsm["X_umap"], "umap"
+        import umap
+
+        with warnings.catch_warnings():  # "n_jobs overridden by setting random_state": intended
+            warnings.simplefilter("ignore", UserWarning)
+            xy = umap.UMAP(n_neighbors=15, random_state=0).fit_transform(x)
+        method = "umap"
     except ImportError:
         centred = x - x.mean(0)
         u, s, _ = np.linalg.svd(centred, full_matrices=False)

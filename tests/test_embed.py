@@ -96,7 +96,8 @@ def test_gc_embed_writes_an_h5ad_with_embeddings_and_a_plot(tiny_run, cells_h5ad
     result = CliRunner().invoke(cli_app(), [*args, "--plot", "cell_type", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["plot_method"] in ("umap", "pca") and Path(summary["plot"]).stat().st_size > 1000
+    assert summary["plot_method"] == "umap"  # umap-learn comes with the train extra; 300 cells suffice
+    assert Path(summary["plot"]).stat().st_size > 1000
     adata = ad.read_h5ad(out)
     embedding = adata.obsm["X_genecompass"]
     assert embedding.shape == (300, tiny_run.model.config.hidden_size) and embedding.dtype == np.float32
