@@ -71,8 +71,13 @@ def prepare_corpus(kang: Path, run: Path, work: Path) -> Path:
 def expressed_tfs(corpus: Path, tfs: Path, max_cells: int, seed: int, work: Path) -> Path:
     """The TFs (by symbol) present in ≥ 10 % of the same source cells the screen samples."""
     from genecompass.corpus import Corpus
-    from genecompass.errors import InputError
-    from genecompass.perturb import expressed_genes, read_cells, read_gene_file, resolve_genes, select_cells
+    from genecompass.perturb import (
+        expressed_genes,
+        read_cells,
+        read_gene_file,
+        resolve_gene_list,
+        select_cells,
+    )
     from genecompass.reference import load_reference
 
     reference = load_reference()
@@ -80,14 +85,11 @@ def expressed_tfs(corpus: Path, tfs: Path, max_cells: int, seed: int, work: Path
     cells = select_cells(opened.obs_labels("state"), SOURCE, "state", max_cells,
                          np.random.default_rng(seed), str(corpus))
     expressed = set(expressed_genes(read_cells(opened, cells), 0.1).tolist())
-    keep = []
-    for name in read_gene_file(tfs):
-        try:
-            token = resolve_genes([name], reference, ["human"])[0]
-        except InputError:  # not in the vocabulary: cannot be expressed
-            continue
-        if token in expressed:
-            keep.append(name)
+    names = read_gene_file(tfs)
+    tokens, unknown = resolve_gene_list(names, reference, ["human"], source=str(tfs))
+    skipped = set(unknown)
+    in_vocabulary = [name for name in names if name not in skipped]  # the names behind `tokens`
+    keep = [name for name, token in zip(in_vocabulary, tokens) if token in expressed]
     path = work / "tfs_expressed_in_source.txt"
     path.write_text("\n".join(keep) + "\n")
     return path

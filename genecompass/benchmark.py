@@ -163,13 +163,10 @@ def untrained_copy(run, out: str | Path, *, seed: int = 0) -> Path:
 # The benchmark
 
 
-def _truncated_run(run, max_length: int | None):
-    """The run, embedding at most ``max_length`` tokens per cell (as its fine-tuning rows see them)."""
+def _truncated_run(loaded, max_length: int | None):
+    """The loaded run, embedding at most ``max_length`` tokens per cell (as its fine-tuning rows see them)."""
     from dataclasses import replace
 
-    from .run import load_run
-
-    loaded = load_run(run)
     if max_length is None:
         return loaded
     return replace(loaded, max_length=min(max_length, loaded.max_length))
@@ -221,10 +218,12 @@ def annotate_benchmark(
     with the pre-trained ``run``; write ``out/results.json`` and ``out/results.md``; return the results."""
     from .corpus import check_output_path, remove_path
     from .embed import EMBEDDING_KEY, embed
+    from .run import load_run
 
     out = Path(out)
     check_output_path(out, overwrite)
     say = progress or (lambda message: None)
+    loaded = load_run(run)  # once, for every row
     adata = _load_counts(data)
     where = "the AnnData" if hasattr(data, "obs") else str(data)
     is_test = _split(adata.obs, settings, where)
@@ -252,8 +251,9 @@ def annotate_benchmark(
             say(f"{row}: {ROW_TITLES[row]}")
             started = time.perf_counter()
             if row in ("pretrained", "scratch"):
-                start_from = run if row == "pretrained" else untrained_copy(run, tmp / "untrained_run",
-                                                                            seed=settings.finetune.seed)
+                start_from = loaded if row == "pretrained" else untrained_copy(
+                    loaded.path, tmp / "untrained_run", seed=settings.finetune.seed
+                )
                 metrics = finetune_celltype(
                     adata, start_from, label_key=settings.label_key, out=tmp / row, test_key=SPLIT_KEY,
                     test_value="test", options=settings.finetune,
@@ -266,7 +266,8 @@ def annotate_benchmark(
                         target_sum=settings.target_sum, seed=settings.finetune.seed,
                     )
                 else:
-                    embedded = embed(adata.copy(), _truncated_run(run, settings.finetune.max_length))
+                    # adata is this function's own copy: embed may add its keys to it
+                    embedded = embed(adata, _truncated_run(loaded, settings.finetune.max_length))
                     predicted = knn_predict(embedded.obsm[EMBEDDING_KEY], labels, train, test, settings.knn_k)
                 full = classification_metrics(labels[test], predicted, majority)
                 metrics = {k: full[k] for k in ("macro_f1", "accuracy", "majority_class_rate", "n_cells")}

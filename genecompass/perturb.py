@@ -393,6 +393,9 @@ def resolve_gene_list(
     Curated lists routinely hold a few names the vocabulary lacks (renamed or unplaced genes), so unknown
     names are returned, for the caller to report, rather than fatal; a list where no name resolves is an
     error naming ``source``."""
+    from .reference import load_reference
+
+    reference = reference or load_reference()  # once, not once per name
     tokens, unknown = [], []
     for name in names:
         try:
