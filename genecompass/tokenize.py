@@ -277,7 +277,7 @@ def iter_tokenized(item: _Input, medians: Medians, options: TokenizeOptions):
     from . import _rust
 
     for chunk in _prefetched(item.source.iter_chunks(options.chunk_size, item.start, item.stop)):
-        offsets, genes, values, n_expressed, _ = _call_rust(
+        offsets, token_slots, value_slots, n_expressed, _ = _call_rust(
             item.path,
             chunk,
             _rust.tokenize_chunk,
@@ -292,6 +292,10 @@ def iter_tokenized(item: _Input, medians: Medians, options: TokenizeOptions):
             options.allow_non_integer,
             options.threads,
         )
+        n_tokens = int(offsets[-1])  # the slots hold one token per stored entry, the first n_tokens used
+        genes, values = token_slots[:n_tokens], value_slots[:n_tokens]
+        if n_tokens < len(token_slots) // 2:  # mostly genes outside the vocabulary: free the rest
+            genes, values = genes.copy(), values.copy()
         yield chunk, offsets, genes, values, n_expressed
 
 

@@ -210,6 +210,15 @@ pub fn normalize_cell(
     Ok(())
 }
 
+/// Whether a row's column indices strictly increase (canonical CSR: no column twice).
+#[inline]
+pub fn columns_increasing(indices: &[u32]) -> bool {
+    // A fold without early exit: branch-free, so it compiles to a vector loop.
+    indices
+        .windows(2)
+        .fold(true, |increasing, pair| increasing & (pair[0] < pair[1]))
+}
+
 /// Sums a validated row's counts per vocabulary token into `acc` (f64, index order, so duplicate
 /// columns add up the same way everywhere) and lists the tokens touched, in order of first
 /// occurrence, in `touched` (cleared first). Only `c > 0` is added, so a slot that is still 0.0
@@ -227,12 +236,19 @@ pub(crate) fn sum_by_token(
         if token == NO_TOKEN || value <= 0.0 {
             continue;
         }
-        let slot = &mut acc[token as usize];
-        if *slot == 0.0 {
-            touched.push(token);
-        }
-        *slot += f64::from(value);
+        add_count(acc, touched, token, value);
     }
+}
+
+/// Adds a count `value > 0` to `token`'s slot of `acc`, listing the token in `touched` when the
+/// slot was still 0.0 (untouched in this cell).
+#[inline]
+pub(crate) fn add_count(acc: &mut [f64], touched: &mut Vec<u32>, token: u32, value: f32) {
+    let slot = &mut acc[token as usize];
+    if *slot == 0.0 {
+        touched.push(token);
+    }
+    *slot += f64::from(value);
 }
 
 /// [`normalize_cell`] for a row that [`validate_row`] has accepted, whose sum it returned as

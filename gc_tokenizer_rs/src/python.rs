@@ -4,7 +4,7 @@
 //! one core call, and the result is converted back. Core errors map to one exception class per
 //! [`ErrorKind`]; all data errors subclass `ValueError`.
 
-use numpy::{Element, IntoPyArray, PyArray1, PyReadonlyArray1};
+use numpy::{Element, IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -64,7 +64,8 @@ type TokenizeOutput<'py> = (
 /// allow_non_integer, n_threads) -> (offsets, genes, values, n_expressed, n_dropped_no_median)
 ///
 /// Tokenises one CSR chunk (int64 indptr, uint32 indices, float32 data; uint32 col_token with
-/// 2**32-1 = not in vocabulary; float32 medians per token, NaN or <= 0 = unknown).
+/// 2**32-1 = not in vocabulary; float32 medians per token, NaN or <= 0 = unknown). `genes` and
+/// `values` have one slot per stored entry; the tokens are their first `offsets[-1]` entries.
 #[pyfunction]
 #[pyo3(signature = (
     indptr, indices, data, col_token, medians, top_k, library_size, target_sum,
@@ -98,17 +99,28 @@ fn tokenize_chunk<'py>(
     let data = slice(&data, "data")?;
     let col_token = slice(&col_token, "col_token")?;
     let medians = slice(&medians, "medians")?;
-    let chunk = py
-        .detach(|| {
-            crate::tokenize::tokenize_chunk(indptr, indices, data, col_token, medians, &params)
+    // Token buffers from numpy's allocator (huge pages for large arrays), one slot per entry.
+    let genes = PyArray1::<u32>::zeros(py, indices.len(), false);
+    let values = PyArray1::<f32>::zeros(py, indices.len(), false);
+    let cells = {
+        let mut genes_rw = genes.readwrite();
+        let mut values_rw = values.readwrite();
+        let contiguous = |_| PyRuntimeError::new_err("a new numpy array is not contiguous");
+        let genes_out = genes_rw.as_slice_mut().map_err(contiguous)?;
+        let values_out = values_rw.as_slice_mut().map_err(contiguous)?;
+        py.detach(|| {
+            crate::tokenize::tokenize_chunk_into(
+                indptr, indices, data, col_token, medians, &params, genes_out, values_out,
+            )
         })
-        .map_err(to_py_err)?;
+        .map_err(to_py_err)?
+    };
     Ok((
-        chunk.offsets.into_pyarray(py),
-        chunk.genes.into_pyarray(py),
-        chunk.values.into_pyarray(py),
-        chunk.n_expressed.into_pyarray(py),
-        chunk.stats.n_dropped_no_median,
+        cells.offsets.into_pyarray(py),
+        genes,
+        values,
+        cells.n_expressed.into_pyarray(py),
+        cells.stats.n_dropped_no_median,
     ))
 }
 

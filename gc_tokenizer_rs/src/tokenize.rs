@@ -1,13 +1,19 @@
 //! Chunk tokenisation: normalise, rank and truncate every cell of a CSR chunk, in parallel.
 //!
 //! Cells are processed in fixed batches of [`BATCH_CELLS`] consecutive cells; each rayon task
-//! reuses one scratch (dense per-token accumulator plus packed sort keys, see `map_init`), so
-//! there is no per-cell heap allocation. Each batch writes its tokens straight into its own
-//! region of the chunk's output arrays (a cell keeps at most one token per stored entry, so the
-//! regions follow `indptr`); the regions are then compacted in order, so 1 thread and N threads
-//! give identical bytes. Ranking sorts packed `u64` keys ([`crate::topk::KeyLayout`]) and is
-//! exactly the comparator order. On invalid input the error of the first offending cell (in cell
-//! order) is returned, whatever the thread count.
+//! reuses one scratch (candidate buffers, sort keys and a dense per-token accumulator, see
+//! `map_init`), so there is no per-cell heap allocation. Each batch writes its tokens straight
+//! into its own region of the chunk's output arrays (a cell keeps at most one token per stored
+//! entry, so the regions follow `indptr`); the regions are then compacted in order, so 1 thread
+//! and N threads give identical bytes. Ranking sorts packed `u64` keys
+//! ([`crate::topk::rank_top_k`]) and is exactly the comparator order. On invalid input the error
+//! of the first offending cell (in cell order) is returned, whatever the thread count.
+//!
+//! In a row whose columns increase, an entry is its token's only count unless other columns map
+//! to the same token (gene aliases; a few per file): such entries become candidates directly, with
+//! the median read from a per-column table in column order, and only shared tokens are summed in
+//! the dense accumulator. Rows with a repeated or unsorted column sum everything there. Both give
+//! the same candidates, so the same tokens and values.
 
 use std::ops::Range;
 
@@ -15,9 +21,10 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::normalize::{
-    check_gene_map, median_is_known, sum_by_token, validate_row, CsrChunk, NormParams,
+    add_count, check_gene_map, columns_increasing, median_is_known, sum_by_token, validate_row,
+    CsrChunk, NormParams, NO_TOKEN,
 };
-use crate::topk::{select_top_k_packed, token_value, KeyLayout};
+use crate::topk::{rank_top_k, token_value, RankScratch};
 
 /// Cells per parallel task. Fixed, so the work split never depends on the thread count.
 pub const BATCH_CELLS: usize = 256;
@@ -72,13 +79,57 @@ pub(crate) fn build_pool(n_threads: usize) -> Result<rayon::ThreadPool> {
         })
 }
 
-/// Reusable buffers of one rayon task: a dense per-token accumulator (all zeros between cells), the
-/// tokens a cell touched, and its packed sort keys (see [`KeyLayout`]).
+/// Reusable buffers of one rayon task: a cell's candidates (`r`, token), its ranking, and a dense
+/// per-token accumulator (all zeros between cells) with the tokens a cell touched, for rows that
+/// may repeat a token.
 struct Scratch {
+    r: Vec<f64>,
+    token: Vec<u32>,
+    ranking: RankScratch,
     acc: Vec<f64>,
     touched: Vec<u32>,
-    keys: Vec<u64>,
-    group: Vec<u64>,
+}
+
+/// [`Columns::median`] of a column whose token other columns share: its counts are summed per
+/// token (through the accumulator) before the median ratio is taken.
+const SHARED_TOKEN: f64 = -1.0;
+
+/// What a chunk's cells share: each input column's token and median, read in column order.
+struct Columns<'a> {
+    token: &'a [u32],
+    /// Per column: the median (f64, > 0) of its token; NaN when the token has no known median;
+    /// [`SHARED_TOKEN`] when another column maps to the same token; unused for columns without one.
+    median: Vec<f64>,
+    /// Medians by token, for counts summed per token.
+    token_median: &'a [f32],
+}
+
+impl<'a> Columns<'a> {
+    fn new(col_token: &'a [u32], medians: &'a [f32]) -> Self {
+        let mut n_columns = vec![0u8; medians.len()];
+        for &token in col_token.iter().filter(|&&t| t != NO_TOKEN) {
+            n_columns[token as usize] = n_columns[token as usize].saturating_add(1);
+        }
+        let median = col_token
+            .iter()
+            .map(|&token| {
+                if token == NO_TOKEN {
+                    f64::NAN
+                } else if n_columns[token as usize] > 1 {
+                    SHARED_TOKEN
+                } else if median_is_known(medians[token as usize]) {
+                    f64::from(medians[token as usize])
+                } else {
+                    f64::NAN
+                }
+            })
+            .collect();
+        Self {
+            token: col_token,
+            median,
+            token_median: medians,
+        }
+    }
 }
 
 /// One batch of consecutive cells and the disjoint parts of the chunk's output arrays it fills.
@@ -106,78 +157,101 @@ struct BatchDone {
 /// truncation, genes dropped for lack of a median).
 ///
 /// Same arithmetic as [`crate::normalize::normalize_cell`] and [`crate::normalize::ratios`]
-/// (f64, duplicates summed in index order); the candidates are ranked through packed integer
-/// keys ([`select_top_k_packed`]), with each token's `r` kept in the accumulator meanwhile.
+/// (f64, duplicates summed in index order).
 #[allow(clippy::too_many_arguments)]
 fn tokenize_cell(
     cell: usize,
     indices: &[u32],
     data: &[f32],
-    col_token: &[u32],
-    medians: &[f32],
+    columns: &Columns<'_>,
     params: &TokenizeParams,
-    layout: &KeyLayout,
     scratch: &mut Scratch,
     genes: &mut [u32],
     values: &mut [f32],
 ) -> Result<(usize, u32, u64)> {
     let norm = &params.norm;
-    let total = validate_row(cell, indices, data, col_token.len(), norm.allow_non_integer)?;
+    let total = validate_row(
+        cell,
+        indices,
+        data,
+        columns.token.len(),
+        norm.allow_non_integer,
+    )?;
     let Scratch {
+        r,
+        token,
+        ranking,
         acc,
         touched,
-        keys,
-        group,
     } = scratch;
-    sum_by_token(indices, data, col_token, acc, touched);
     let scale = norm.library_size && total > 0.0;
-    keys.clear();
+    let normalise = |c: f64| {
+        if scale {
+            (c / total) * norm.target_sum
+        } else {
+            c
+        }
+    };
+    r.clear();
+    token.clear();
+    touched.clear();
+    if acc.is_empty() {
+        acc.resize(columns.token_median.len(), 0.0);
+    }
     let mut dropped = 0u64;
-    for &token in touched.iter() {
-        let slot = &mut acc[token as usize];
-        let c = *slot;
-        let median = medians[token as usize];
-        if median_is_known(median) {
-            let x = if scale {
-                (c / total) * norm.target_sum
+    if columns_increasing(indices) {
+        // No column twice: an entry is its token's only count unless other columns share it.
+        for (&column, &value) in indices.iter().zip(data) {
+            let t = columns.token[column as usize];
+            if t == NO_TOKEN || value <= 0.0 {
+                continue;
+            }
+            let median = columns.median[column as usize];
+            if median > 0.0 {
+                r.push(normalise(f64::from(value)) / median);
+                token.push(t);
+            } else if median == SHARED_TOKEN {
+                add_count(acc, touched, t, value);
             } else {
-                c
-            };
-            let r = x / f64::from(median);
-            *slot = r; // read back while ranking and valuing
-            keys.push(layout.key(r, token));
+                dropped += 1;
+            }
+        }
+    } else {
+        sum_by_token(indices, data, columns.token, acc, touched);
+    }
+    for &t in touched.iter() {
+        let c = std::mem::take(&mut acc[t as usize]);
+        let median = columns.token_median[t as usize];
+        if median_is_known(median) {
+            r.push(normalise(c) / f64::from(median));
+            token.push(t);
         } else {
             dropped += 1;
         }
     }
-    let n_expressed = keys.len() as u32;
-    select_top_k_packed(keys, params.top_k, layout, |t| acc[t as usize], group);
+    rank_top_k(r, token, params.top_k, ranking);
     // Equal r are adjacent: one log2 per distinct value.
     let (mut last_r, mut last_value) = (f64::NAN, 0.0f32);
-    for ((&key, gene), value) in keys.iter().zip(genes.iter_mut()).zip(values.iter_mut()) {
-        let token = layout.token(key);
-        let r = acc[token as usize];
-        if r.to_bits() != last_r.to_bits() {
-            last_r = r;
-            last_value = token_value(r);
+    let mut written = 0;
+    for ((i, gene), value) in ranking.order().zip(genes.iter_mut()).zip(values.iter_mut()) {
+        let ri = r[i];
+        if ri.to_bits() != last_r.to_bits() {
+            last_r = ri;
+            last_value = token_value(ri);
         }
-        *gene = token;
+        *gene = token[i];
         *value = last_value;
+        written += 1;
     }
-    for &token in touched.iter() {
-        acc[token as usize] = 0.0;
-    }
-    Ok((keys.len(), n_expressed, dropped))
+    Ok((written, r.len() as u32, dropped))
 }
 
 #[allow(clippy::too_many_arguments)]
 fn tokenize_batch(
     matrix: &CsrChunk<'_>,
     job: Job<'_>,
-    col_token: &[u32],
-    medians: &[f32],
+    columns: &Columns<'_>,
     params: &TokenizeParams,
-    layout: &KeyLayout,
     scratch: &mut Scratch,
 ) -> Result<BatchDone> {
     let mut done = BatchDone {
@@ -194,10 +268,8 @@ fn tokenize_batch(
             cell,
             indices,
             data,
-            col_token,
-            medians,
+            columns,
             params,
-            layout,
             scratch,
             &mut job.genes[at..end],
             &mut job.values[at..end],
@@ -228,15 +300,86 @@ pub fn tokenize_chunk(
     medians: &[f32],
     params: &TokenizeParams,
 ) -> Result<TokenizedChunk> {
+    let mut genes = vec![0u32; indices.len()];
+    let mut values = vec![0f32; indices.len()];
+    let cells = tokenize_chunk_into(
+        indptr,
+        indices,
+        data,
+        col_token,
+        medians,
+        params,
+        &mut genes,
+        &mut values,
+    )?;
+    let n_tokens = cells.n_tokens();
+    genes.truncate(n_tokens);
+    values.truncate(n_tokens);
+    if n_tokens < genes.capacity() / 4 * 3 {
+        // Many entries outside the vocabulary: give the unused room back.
+        genes.shrink_to_fit();
+        values.shrink_to_fit();
+    }
+    Ok(TokenizedChunk {
+        offsets: cells.offsets,
+        genes,
+        values,
+        n_expressed: cells.n_expressed,
+        stats: cells.stats,
+    })
+}
+
+/// The per-cell part of a tokenised chunk whose tokens went to caller-provided buffers
+/// ([`tokenize_chunk_into`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChunkCells {
+    /// `n_cells + 1` offsets into the token buffers, starting at 0.
+    pub offsets: Vec<i64>,
+    /// As [`TokenizedChunk::n_expressed`].
+    pub n_expressed: Vec<u32>,
+    /// Chunk statistics.
+    pub stats: ChunkStats,
+}
+
+impl ChunkCells {
+    /// Tokens written: the first `n_tokens()` entries of the buffers.
+    pub fn n_tokens(&self) -> usize {
+        self.offsets.last().map_or(0, |&end| end as usize)
+    }
+}
+
+/// [`tokenize_chunk`] writing the tokens into `genes` / `values` (each at least `indices.len()`
+/// long; their first [`ChunkCells::n_tokens`] entries are the result, the rest is scratch). The
+/// caller owns the buffers, so bindings can hand over memory the consumer allocates (numpy
+/// backs large arrays with huge pages, far fewer page faults than fresh 4 KiB pages).
+#[allow(clippy::too_many_arguments)]
+pub fn tokenize_chunk_into(
+    indptr: &[i64],
+    indices: &[u32],
+    data: &[f32],
+    col_token: &[u32],
+    medians: &[f32],
+    params: &TokenizeParams,
+    genes: &mut [u32],
+    values: &mut [f32],
+) -> Result<ChunkCells> {
     if params.top_k == 0 {
         return Err(Error::InvalidArgument("top_k must be >= 1".into()));
+    }
+    if genes.len() < indices.len() || values.len() < indices.len() {
+        return Err(Error::InvalidArgument(format!(
+            "output buffers hold {} and {} tokens, need {} (one per stored entry)",
+            genes.len(),
+            values.len(),
+            indices.len()
+        )));
     }
     params.norm.validate()?;
     let matrix = CsrChunk::new(indptr, indices, data)?;
     let vocab_size = medians.len();
     check_gene_map(col_token, vocab_size)?;
 
-    let layout = KeyLayout::new(vocab_size);
+    let columns = Columns::new(col_token, medians);
     // Rows before the first malformed one (if any) are processed; that row's error is returned
     // unless an earlier cell has one (errors come in cell order).
     let n_cells = matrix.n_cells();
@@ -245,15 +388,13 @@ pub fn tokenize_chunk(
         .unwrap_or(n_cells);
     let base = indptr[0];
     let entry = |cell: usize| (indptr[cell] - base) as usize; // well-formed for cell <= valid
-    let mut genes = vec![0u32; entry(valid)];
-    let mut values = vec![0f32; entry(valid)];
     let mut lens = vec![0u32; valid];
     let mut n_expressed = vec![0u32; valid];
     let mut jobs = Vec::with_capacity(valid.div_ceil(BATCH_CELLS));
     {
         let (mut g, mut v, mut l, mut e) = (
-            genes.as_mut_slice(),
-            values.as_mut_slice(),
+            &mut genes[..entry(valid)],
+            &mut values[..entry(valid)],
             lens.as_mut_slice(),
             n_expressed.as_mut_slice(),
         );
@@ -280,14 +421,13 @@ pub fn tokenize_chunk(
         jobs.into_par_iter()
             .map_init(
                 || Scratch {
-                    acc: vec![0.0; vocab_size],
+                    r: Vec::new(),
+                    token: Vec::new(),
+                    ranking: RankScratch::default(),
+                    acc: Vec::new(), // sized on first use
                     touched: Vec::new(),
-                    keys: Vec::new(),
-                    group: Vec::new(),
                 },
-                |scratch, job| {
-                    tokenize_batch(&matrix, job, col_token, medians, params, &layout, scratch)
-                },
+                |scratch, job| tokenize_batch(&matrix, job, &columns, params, scratch),
             )
             .collect()
     });
@@ -308,13 +448,6 @@ pub fn tokenize_chunk(
         n_tokens += batch.n_tokens;
         stats.n_dropped_no_median += batch.n_dropped;
     }
-    genes.truncate(n_tokens);
-    values.truncate(n_tokens);
-    if n_tokens < genes.capacity() / 4 * 3 {
-        // Many entries outside the vocabulary: give the unused room back.
-        genes.shrink_to_fit();
-        values.shrink_to_fit();
-    }
     let mut offsets = Vec::with_capacity(n_cells + 1);
     let mut offset = 0i64;
     offsets.push(offset);
@@ -322,10 +455,8 @@ pub fn tokenize_chunk(
         offset += i64::from(len);
         offsets.push(offset);
     }
-    Ok(TokenizedChunk {
+    Ok(ChunkCells {
         offsets,
-        genes,
-        values,
         n_expressed,
         stats,
     })

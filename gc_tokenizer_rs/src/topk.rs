@@ -35,122 +35,190 @@ pub fn select_top_k(entries: &mut Vec<Ranked>, k: usize) {
     entries.sort_unstable_by(rank_order);
 }
 
-/// Packs `(r, token)` into one `u64` whose ascending order is the corpus order up to ties of the
-/// high bits of `r`: the high `64 - token_bits` bits of `r`'s bit pattern (inverted, so larger `r`
-/// sorts first; `r >= 0`, whose bits increase with it), then the token id. Keys are sorted as plain
-/// integers; [`finish_packed`] then re-sorts exactly the rare groups whose `r` agree in the high
-/// bits but differ below them.
+/// Sort keys of one cell's candidates: the high bits of `r`'s bit pattern (inverted, so larger
+/// `r` sorts first; `r >= 0`, whose bits increase with it), then the candidate's index. Sorting
+/// these as plain integers orders the candidates by `r` up to ties of the kept bits; [`rank_top_k`]
+/// then settles every run of equal prefixes exactly (`r`, then token id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyLayout {
-    token_bits: u32,
+struct IndexKeys {
+    index_bits: u32,
 }
 
-impl KeyLayout {
-    /// The layout for token ids below `vocab_size` (at most 2^32).
-    pub fn new(vocab_size: usize) -> Self {
-        let token_bits = (usize::BITS - vocab_size.saturating_sub(1).leading_zeros()).clamp(1, 32);
-        Self { token_bits }
+impl IndexKeys {
+    /// The layout for `n` candidates (indices below `n`, at most 2^32).
+    fn for_count(n: usize) -> Self {
+        let index_bits = (usize::BITS - n.saturating_sub(1).leading_zeros()).clamp(1, 32);
+        Self { index_bits }
     }
 
-    /// The key of a candidate with ratio `r >= 0` (not NaN) and token `token`.
     #[inline]
-    pub fn key(&self, r: f64, token: u32) -> u64 {
-        let prefix_bits = 64 - self.token_bits;
+    fn key(&self, r: f64, index: usize) -> u64 {
+        let prefix_bits = 64 - self.index_bits;
         // r >= 0 has a zero sign bit: its 63 remaining bits, truncated to prefix_bits.
         let prefix = r.to_bits() >> (63 - prefix_bits);
         let descending = !prefix & ((1u64 << prefix_bits) - 1);
-        (descending << self.token_bits) | u64::from(token)
+        (descending << self.index_bits) | index as u64
     }
 
     #[inline]
-    pub fn token(&self, key: u64) -> u32 {
-        (key & ((1u64 << self.token_bits) - 1)) as u32
+    fn index(&self, key: u64) -> usize {
+        (key & ((1u64 << self.index_bits) - 1)) as usize
     }
 
     #[inline]
     fn prefix(&self, key: u64) -> u64 {
-        key >> self.token_bits
+        key >> self.index_bits
     }
 }
 
-/// Exact corpus order of two packed keys, given each token's `r`.
-#[inline]
-fn exact_order(layout: &KeyLayout, r_of: &impl Fn(u32) -> f64, a: u64, b: u64) -> Ordering {
-    let (ta, tb) = (layout.token(a), layout.token(b));
-    r_of(tb).total_cmp(&r_of(ta)).then_with(|| ta.cmp(&tb))
+/// Reusable buffers of [`rank_top_k`].
+#[derive(Debug, Clone, Default)]
+pub struct RankScratch {
+    keys: Vec<u64>,
+    group: Vec<u64>,
+    layout: Option<IndexKeys>,
 }
 
-/// [`select_top_k`] on packed keys: keeps the first `k` keys of `keys` in the exact corpus order
-/// ([`rank_order`] of `(r_of(token), token)`), sorted. `scratch` is a reusable buffer.
-pub fn select_top_k_packed(
-    keys: &mut Vec<u64>,
-    k: usize,
-    layout: &KeyLayout,
-    r_of: impl Fn(u32) -> f64,
-    scratch: &mut Vec<u64>,
-) {
+impl RankScratch {
+    /// Candidate indices in corpus order, as left by the last [`rank_top_k`].
+    pub fn order(&self) -> impl ExactSizeIterator<Item = usize> + '_ {
+        let layout = self.layout.unwrap_or(IndexKeys { index_bits: 1 });
+        self.keys.iter().map(move |&key| layout.index(key))
+    }
+}
+
+/// Ranks the candidates `(r[i], token[i])` of one cell (`r >= 0`, not NaN; tokens distinct) in the
+/// corpus order ([`rank_order`]: `r` descending, then token id) and keeps the first `k`; read them
+/// with [`RankScratch::order`].
+///
+/// Candidates are sorted as packed integer keys ([`IndexKeys`]); with more than `k` of them, a
+/// partial selection (O(n)) comes first and only the `k` survivors are sorted. Runs of keys with
+/// equal prefixes (true ties of `r`, or `r` differing only in the dropped low bits) are then
+/// re-sorted with the exact comparison, so the result is exactly the comparator's.
+pub fn rank_top_k(r: &[f64], token: &[u32], k: usize, scratch: &mut RankScratch) {
+    debug_assert_eq!(r.len(), token.len());
+    let RankScratch {
+        keys,
+        group,
+        layout,
+    } = scratch;
+    keys.clear();
+    let index_keys = IndexKeys::for_count(r.len());
+    *layout = Some(index_keys);
     if k == 0 {
-        keys.clear();
         return;
     }
+    keys.extend(r.iter().enumerate().map(|(i, &ri)| index_keys.key(ri, i)));
+    let exact = |a: &u64, b: &u64| {
+        let (ia, ib) = (index_keys.index(*a), index_keys.index(*b));
+        r[ib]
+            .total_cmp(&r[ia])
+            .then_with(|| token[ia].cmp(&token[ib]))
+    };
     if keys.len() > k {
         keys.select_nth_unstable(k - 1);
         // Keys past k that share the k-th key's prefix may come before some of the first k in
         // the exact order: settle that prefix group exactly.
-        let boundary = layout.prefix(keys[k - 1]);
-        if keys[k..].iter().any(|&key| layout.prefix(key) == boundary) {
+        let boundary = index_keys.prefix(keys[k - 1]);
+        if keys[k..]
+            .iter()
+            .any(|&key| index_keys.prefix(key) == boundary)
+        {
             let in_head = keys[..k]
                 .iter()
-                .filter(|&&key| layout.prefix(key) == boundary)
+                .filter(|&&key| index_keys.prefix(key) == boundary)
                 .count();
-            scratch.clear();
-            scratch.extend(keys.iter().filter(|&&key| layout.prefix(key) == boundary));
-            scratch.sort_unstable_by(|&a, &b| exact_order(layout, &r_of, a, b));
+            group.clear();
+            group.extend(
+                keys.iter()
+                    .filter(|&&key| index_keys.prefix(key) == boundary),
+            );
+            group.sort_unstable_by(exact);
             let mut write = 0;
             for read in 0..k {
-                if layout.prefix(keys[read]) != boundary {
+                if index_keys.prefix(keys[read]) != boundary {
                     keys[write] = keys[read];
                     write += 1;
                 }
             }
-            keys[write..k].copy_from_slice(&scratch[..in_head]);
+            keys[write..k].copy_from_slice(&group[..in_head]);
         }
         keys.truncate(k);
     }
-    keys.sort_unstable();
-    finish_packed(keys, layout, &r_of);
-}
-
-/// Makes integer-sorted keys exactly ordered: every run of equal prefixes whose `r` differ is
-/// re-sorted with the exact comparison (runs of true ties are already ordered by token).
-pub fn finish_packed(keys: &mut [u64], layout: &KeyLayout, r_of: &impl Fn(u32) -> f64) {
+    keys.sort_unstable(); // pdqsort: faster here than LSD radix or bucket passes (measured)
+                          // Runs of equal prefixes are ordered by candidate index, not by (r, token): sort them exactly.
     let mut i = 0;
     while i + 1 < keys.len() {
-        let prefix = layout.prefix(keys[i]);
-        if layout.prefix(keys[i + 1]) != prefix {
-            i += 1;
-            continue;
-        }
-        let mut j = i + 2;
-        while j < keys.len() && layout.prefix(keys[j]) == prefix {
+        let prefix = index_keys.prefix(keys[i]);
+        let mut j = i + 1;
+        while j < keys.len() && index_keys.prefix(keys[j]) == prefix {
             j += 1;
         }
-        let group = &mut keys[i..j];
-        let r0 = r_of(layout.token(group[0])).to_bits();
-        if group[1..]
-            .iter()
-            .any(|&key| r_of(layout.token(key)).to_bits() != r0)
-        {
-            group.sort_unstable_by(|&a, &b| exact_order(layout, r_of, a, b));
+        if j - i > 1 {
+            keys[i..j].sort_unstable_by(exact);
         }
         i = j;
     }
 }
 
-/// The stored value `log2(1 + r)`, computed in f64 and rounded once to f32.
+/// The stored value `log2(1 + r)` rounded to f32: within one f32 unit in the last place of the
+/// correctly rounded value (the f64 logarithm below is accurate to a few f64 ulps), and equal to it
+/// but for a few values in a million.
 #[inline]
 pub fn token_value(r: f64) -> f32 {
-    (1.0 + r).log2() as f32
+    log2_at_least_one(1.0 + r) as f32
+}
+
+/// Table size of [`log2_at_least_one`]: 2^7 sub-intervals of the mantissa.
+const LOG2_TABLE_BITS: u32 = 7;
+
+struct Log2Table {
+    /// `1 / c_j` and `log2(c_j)` for `c_j = 1 + j / 2^LOG2_TABLE_BITS`.
+    inverse: [f64; 1 << LOG2_TABLE_BITS],
+    log2: [f64; 1 << LOG2_TABLE_BITS],
+}
+
+fn log2_table() -> &'static Log2Table {
+    static TABLE: std::sync::OnceLock<Log2Table> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let n = 1usize << LOG2_TABLE_BITS;
+        let mut table = Log2Table {
+            inverse: [0.0; 1 << LOG2_TABLE_BITS],
+            log2: [0.0; 1 << LOG2_TABLE_BITS],
+        };
+        for j in 0..n {
+            let c = 1.0 + j as f64 / n as f64;
+            table.inverse[j] = 1.0 / c;
+            table.log2[j] = c.log2();
+        }
+        table
+    })
+}
+
+/// `log2(y)` for `y >= 1`, a few f64 ulps from the exact value (libm's `log2` costs several times
+/// more and is the largest single cost of ranking otherwise). `y = 2^e * m`, `m` in `[1, 2)`, is
+/// split at the table point `c_j <= m`: `log2(y) = e + log2(c_j) + log2(1 + t)` with
+/// `t = m / c_j - 1` in `[0, 2^-7)`, whose series is cut after `t^7` (error below `2^-59`). For
+/// `j = 0` (`y` just above a power of two) `t = m - 1` exactly, so small results keep their
+/// relative precision.
+#[inline]
+fn log2_at_least_one(y: f64) -> f64 {
+    if !y.is_finite() {
+        return y.log2();
+    }
+    let bits = y.to_bits();
+    let exponent = ((bits >> 52) & 0x7ff) as i64 - 1023;
+    let m = f64::from_bits((bits & ((1u64 << 52) - 1)) | (1023u64 << 52));
+    let j = ((bits >> (52 - LOG2_TABLE_BITS)) & ((1 << LOG2_TABLE_BITS) - 1)) as usize;
+    let table = log2_table();
+    let t = m * table.inverse[j] - 1.0;
+    // ln(1 + t) = t - t^2/2 + t^3/3 - ... (Horner).
+    let ln1p = t
+        * (1.0
+            + t * (-1.0 / 2.0
+                + t * (1.0 / 3.0
+                    + t * (-1.0 / 4.0 + t * (1.0 / 5.0 + t * (-1.0 / 6.0 + t * (1.0 / 7.0)))))));
+    exponent as f64 + table.log2[j] + ln1p * std::f64::consts::LOG2_E
 }
 
 #[cfg(test)]
@@ -233,24 +301,22 @@ mod tests {
         }
     }
 
-    /// Packed selection with a given token width, against the comparator version.
-    fn check_packed(v: &[Ranked], k: usize, vocab: usize) {
-        let layout = KeyLayout::new(vocab);
-        let r_of_table: std::collections::HashMap<u32, f64> =
-            v.iter().map(|e| (e.token, e.r)).collect();
-        let mut keys: Vec<u64> = v.iter().map(|e| layout.key(e.r, e.token)).collect();
-        let mut scratch = Vec::new();
-        select_top_k_packed(&mut keys, k, &layout, |t| r_of_table[&t], &mut scratch);
+    /// [`rank_top_k`] against the comparator version.
+    fn check_ranked(v: &[Ranked], k: usize) {
+        let r: Vec<f64> = v.iter().map(|e| e.r).collect();
+        let token: Vec<u32> = v.iter().map(|e| e.token).collect();
+        let mut scratch = RankScratch::default();
+        rank_top_k(&r, &token, k, &mut scratch);
+        let got: Vec<u32> = scratch.order().map(|i| token[i]).collect();
         let mut expected = v.to_vec();
         select_top_k(&mut expected, k);
-        let got: Vec<u32> = keys.iter().map(|&key| layout.token(key)).collect();
-        assert_eq!(got, tokens(&expected), "k {k} vocab {vocab}");
+        assert_eq!(got, tokens(&expected), "k {k} n {}", v.len());
     }
 
     #[test]
     fn packed_keys_equal_comparator_order() {
         let mut state = 7u64;
-        for round in 0..400 {
+        for _round in 0..400 {
             let n = (splitmix(&mut state) % 400) as usize;
             let k = 1 + (splitmix(&mut state) % 300) as usize;
             // Values with ties, values differing only in the lowest mantissa bits (same packed
@@ -281,33 +347,56 @@ mod tests {
                 let j = (splitmix(&mut state) % (i as u64 + 1)) as usize;
                 v.swap(i, j);
             }
-            let vocab = 3 * n.max(1) + [0, 1000, 1 << 20][round % 3];
-            check_packed(&v, k, vocab);
+            check_ranked(&v, k);
         }
-        // A full-width vocabulary (32 token bits: the prefix keeps only 32 bits of r).
-        let v: Vec<Ranked> = (0..50u32)
+        // Many candidates (wide indices, so the prefix keeps fewer bits of r), near-ties.
+        let v: Vec<Ranked> = (0..70_000u32)
             .map(|i| Ranked {
-                r: 1.0 + f64::from(i % 5) * 1e-12,
-                token: u32::MAX - 100 + i,
+                r: 1.0 + f64::from(i % 5) * 1e-12 + f64::from(i % 13),
+                token: u32::MAX - 100_000 + (i * 7919) % 100_000,
             })
             .collect();
-        for k in [1, 7, 10, 49, 50, 60] {
-            check_packed(&v, k, 1 << 32);
+        for k in [1, 7, 5_000, 69_999, 70_000, 80_000] {
+            check_ranked(&v, k);
         }
     }
 
     #[test]
-    fn key_layout() {
-        let layout = KeyLayout::new(97_447);
-        assert_eq!(layout.token_bits, 17);
-        assert_eq!(KeyLayout::new(1).token_bits, 1);
-        assert_eq!(KeyLayout::new(1 << 17).token_bits, 17);
-        assert_eq!(KeyLayout::new((1 << 17) + 1).token_bits, 18);
+    fn index_keys() {
+        let layout = IndexKeys::for_count(97_447);
+        assert_eq!(layout.index_bits, 17);
+        assert_eq!(IndexKeys::for_count(0).index_bits, 1);
+        assert_eq!(IndexKeys::for_count(1).index_bits, 1);
+        assert_eq!(IndexKeys::for_count(1 << 17).index_bits, 17);
+        assert_eq!(IndexKeys::for_count((1 << 17) + 1).index_bits, 18);
         assert!(layout.key(2.0, 5) < layout.key(1.0, 0));
         assert!(layout.key(1.0, 4) < layout.key(1.0, 5));
-        assert_eq!(layout.token(layout.key(0.3, 97_446)), 97_446);
+        assert_eq!(layout.index(layout.key(0.3, 97_446)), 97_446);
         assert!(layout.key(f64::INFINITY, 9) < layout.key(f64::MAX, 0));
         assert!(layout.key(f64::MIN_POSITIVE, 9) < layout.key(0.0, 0));
+    }
+
+    #[test]
+    fn fast_log2_within_one_f32_ulp_of_libm() {
+        let mut state = 11u64;
+        let mut differ = 0usize;
+        let n = 2_000_000;
+        for i in 0..n {
+            // log-uniform over [2^-30, 2^30], plus exact small integers and powers of two.
+            let u = (splitmix(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
+            let r = match i % 10 {
+                0 => f64::from((i / 10) as u32 % 5000),
+                1 => 2f64.powi((i / 10) as i32 % 60 - 30),
+                _ => (u * 60.0 - 30.0).exp2(),
+            };
+            let fast = token_value(r);
+            let exact = (1.0 + r).log2() as f32;
+            let ulps = (fast.to_bits() as i64 - exact.to_bits() as i64).abs();
+            assert!(ulps <= 1, "r {r}: {fast} vs {exact}");
+            differ += usize::from(ulps != 0);
+        }
+        assert!(differ * 10_000 < n, "{differ} of {n} values differ");
+        assert_eq!(token_value(f64::INFINITY), f32::INFINITY);
     }
 
     #[test]
