@@ -261,7 +261,7 @@ class GeneReference:
             return {
                 "exact": dict(zip(primary_symbols, primary_ids, strict=True)),
                 # stable sort: the primary gene first, the others in table order
-                "dups": {s: [g for _, g in sorted(genes, key=lambda e: e[0])] for s, genes in carriers.items()},
+                "dups": {s: [g for _, g in sorted(gs, key=lambda e: e[0])] for s, gs in carriers.items()},
                 "upper": {k: g for k, g in zip(uppers, primary_ids, strict=True) if n_upper[k] == 1},
                 "upper_multi": upper_multi,
             }
