@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,27 +71,6 @@ def check_output_path(path: Path, overwrite: bool) -> None:
     """Refuse to replace an existing output unless asked to."""
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
-
-
-@dataclass
-class _Buffer:
-    """Accumulates a 1-D array and hands out whole chunks, so every write to Zarr is chunk-aligned."""
-
-    dtype: np.dtype
-    parts: list[np.ndarray] = field(default_factory=list)
-    size: int = 0
-
-    def add(self, values: np.ndarray) -> None:
-        if len(values):
-            self.parts.append(np.asarray(values, dtype=self.dtype))
-            self.size += len(values)
-
-    def take(self, n: int) -> np.ndarray:
-        joined = np.concatenate(self.parts) if len(self.parts) != 1 else self.parts[0]
-        head, tail = joined[:n], joined[n:]
-        self.parts = [tail] if len(tail) else []
-        self.size = len(tail)
-        return head
 
 
 class _ShardWriter:
@@ -187,38 +165,45 @@ class _ShardWriter:
 class _ChunkedAppender:
     """Appends to a 1-D Zarr array in whole chunks; the tail is written by ``close``.
 
-    Whole shards of a sharded array go through ``_ShardWriter`` when a ``root`` directory is given."""
+    Values short of a whole chunk wait in one staging array, allocated once and reused, so streaming
+    allocates no new memory per block (a fresh multi-MiB array per block costs more in page faults
+    than its compression). Whole shards of a sharded array go through ``_ShardWriter`` when a
+    ``root`` directory is given. Nothing refers to the caller's arrays once ``add`` returns.
+    """
 
     def __init__(self, array: zarr.Array, chunk: int, root: Path | None = None):
         self.array = array
         self.chunk = chunk
-        self.buffer = _Buffer(array.dtype)
+        self.staging = np.empty(chunk, dtype=array.dtype)
+        self.staged = 0
         self.written = 0
         self.shards = _ShardWriter.for_array(array, root) if root is not None else None
         if self.shards is not None and chunk != array.metadata.chunk_grid.chunk_shape[0]:
             self.shards = None
 
     def add(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=self.buffer.dtype)
-        if self.buffer.size + len(values) < self.chunk:
-            self.buffer.add(values)
-            return
-        # Complete the pending partial chunk, then write the whole chunks straight from ``values``
-        # (no concatenation of large blocks); keep a copy of the remainder.
-        if self.buffer.size:
-            need = self.chunk - self.buffer.size
-            self.buffer.add(values[:need])
-            values = values[need:]
-            self._write(self.buffer.take(self.buffer.size))
-        whole = len(values) - len(values) % self.chunk
-        if whole:
-            self._write(values[:whole])
-        if whole < len(values):
-            self.buffer.add(values[whole:].copy())
+        values = np.asarray(values, dtype=self.staging.dtype)
+        used = 0
+        if self.staged:  # complete the staged chunk first
+            used = min(self.chunk - self.staged, len(values))
+            self.staging[self.staged : self.staged + used] = values[:used]
+            self.staged += used
+            if self.staged < self.chunk:
+                return
+            self._write(self.staging)
+            self.staged = 0
+        whole = (len(values) - used) // self.chunk * self.chunk
+        if whole:  # whole chunks straight from ``values``
+            self._write(values[used : used + whole])
+            used += whole
+        rest = len(values) - used
+        self.staging[:rest] = values[used:]
+        self.staged = rest
 
     def close(self) -> None:
-        if self.buffer.size:
-            self._write(self.buffer.take(self.buffer.size))
+        if self.staged:
+            self._write(self.staging[: self.staged])
+            self.staged = 0
         if self.array.shape[0] != self.written:
             self.array.resize((self.written,))
 

@@ -188,14 +188,53 @@ class _SparseRows:
         # h5py/zarr return fresh arrays; slices of in-memory arrays are views, copied so chunks never alias
         self._in_memory = isinstance(data, np.ndarray)
 
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read(
+        self, start: int, stop: int, buffers: ReadBuffers | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         indptr = np.array(self.indptr[start : stop + 1], dtype=np.int64)  # always a copy
         lo, hi = int(indptr[0]), int(indptr[-1])
         indptr -= lo
-        indices, data = np.asarray(self.indices[lo:hi]), np.asarray(self.data[lo:hi])
-        if self._in_memory:
-            indices, data = indices.copy(), data.copy()
+        if buffers is not None and buffers.fits(self.indices, self.data):
+            indices, data = buffers.read(self.indices, self.data, lo, hi)
+        else:
+            indices, data = np.asarray(self.indices[lo:hi]), np.asarray(self.data[lo:hi])
+            if self._in_memory:
+                indices, data = indices.copy(), data.copy()
         return indptr, _as_u32(indices), _as_f32(data)
+
+
+class ReadBuffers:
+    """Arrays that HDF5 reads of ``indices`` / ``data`` go into, reused from chunk to chunk.
+
+    Fresh arrays for every chunk cost more than the read itself here: each large allocation is new
+    memory that the kernel must fault in and zero. A chunk read into these buffers is a view of them,
+    valid until the same buffers are read into again (see :meth:`CountSource.iter_chunks`).
+    """
+
+    def __init__(self) -> None:
+        self.indices = np.empty(0, np.int32)
+        self.data = np.empty(0, np.float32)
+
+    @staticmethod
+    def fits(indices: Any, data: Any) -> bool:
+        """Whether these datasets can be read straight into the buffers (h5py, 32-bit, no conversion)."""
+        return (
+            hasattr(indices, "read_direct")
+            and hasattr(data, "read_direct")
+            and indices.dtype in (np.int32, np.uint32)
+            and data.dtype == np.float32
+        )
+
+    def read(self, indices: Any, data: Any, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        n = hi - lo
+        if len(self.data) < n:  # grow with headroom, so that slightly larger chunks do not reallocate
+            self.indices = np.empty(n + n // 4, np.int32)
+            self.data = np.empty(n + n // 4, np.float32)
+        index_view = self.indices[:n].view(indices.dtype)
+        if n:
+            indices.read_direct(index_view, np.s_[lo:hi], np.s_[0:n])
+            data.read_direct(self.data, np.s_[lo:hi], np.s_[0:n])
+        return index_view, self.data[:n]
 
 
 class _DenseRows:
@@ -302,24 +341,33 @@ class CountSource:
 
     # -- counts
     def iter_chunks(
-        self, chunk_size: int = 4096, start: int = 0, stop: int | None = None
+        self, chunk_size: int = 4096, start: int = 0, stop: int | None = None, *, reuse: int = 0
     ) -> Iterator[CsrChunk]:
         """Yield cells ``[start, stop)`` as :class:`CsrChunk` of at most ``chunk_size`` cells, in order.
 
-        Arguments are checked at once (ValueError), not at the first ``next()``.
+        ``reuse=n`` (n >= 1) reads HDF5 sparse matrices into ``n`` sets of :class:`ReadBuffers` in turn:
+        a chunk's ``indices`` / ``data`` are then overwritten by the chunk ``n`` places later, so a
+        consumer must be done with a chunk (or copy it) by then. Streaming passes use it to avoid
+        faulting in fresh memory for every chunk. Arguments are checked at once (ValueError), not at
+        the first ``next()``.
         """
         stop = self.n_cells if stop is None else stop
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if not 0 <= start <= stop <= self.n_cells:
             raise ValueError(f"cell range [{start}, {stop}) is outside [0, {self.n_cells}]")
-        return self._iter_chunks(chunk_size, start, stop)
+        return self._iter_chunks(chunk_size, start, stop, [ReadBuffers() for _ in range(reuse)])
 
-    def _iter_chunks(self, chunk_size: int, start: int, stop: int) -> Iterator[CsrChunk]:
-        for a in range(start, stop, chunk_size):
+    def _iter_chunks(
+        self, chunk_size: int, start: int, stop: int, buffers: list[ReadBuffers]
+    ) -> Iterator[CsrChunk]:
+        for k, a in enumerate(range(start, stop, chunk_size)):
             b = min(a + chunk_size, stop)
             try:
-                indptr, indices, data = self._rows.read(a, b)
+                if buffers and isinstance(self._rows, _SparseRows):
+                    indptr, indices, data = self._rows.read(a, b, buffers[k % len(buffers)])
+                else:
+                    indptr, indices, data = self._rows.read(a, b)
             except (OSError, RuntimeError, ValueError, KeyError) as e:
                 raise self._fail(f"could not read cells {a}–{b - 1} (file damaged?): {e}") from e
             yield self._finish(a, b, indptr, indices, data)

@@ -221,7 +221,8 @@ def _medians_of(items: list[_Input], options, reference, progress) -> Medians:
     accumulator = _rust.MedianAccumulator(reference.vocab_size, options.library_size, options.target_sum)
     total, done = sum(item.stop - item.start for item in items), 0
     for item in items:
-        for chunk in _prefetched(item.source.iter_chunks(options.chunk_size, item.start, item.stop)):
+        chunks = item.source.iter_chunks(options.chunk_size, item.start, item.stop, reuse=_BUFFER_SETS)
+        for chunk in _prefetched(chunks):
             indptr, indices, data = chunk.indptr, chunk.indices, chunk.data
             if item.passed is not None:
                 indptr, indices, data = _select_rows(chunk, item.passed[chunk.start : chunk.stop])
@@ -268,15 +269,28 @@ def _call_rust(path: Path, chunk, function, *args):
         ) from None
 
 
-def iter_tokenized(item: _Input, medians: Medians, options: TokenizeOptions):
+#: Buffer sets a streaming pass cycles through: the chunk being processed, the one waiting in the
+#: prefetch queue (depth 1) and the one being read; one more for the chunk whose tokens the writer
+#: may still be compressing.
+_BUFFER_SETS = 3
+
+
+def iter_tokenized(item: _Input, medians: Medians, options: TokenizeOptions, *, reuse_buffers: bool = False):
     """Tokenise the cells of ``item`` in Rust, one chunk at a time.
 
     Yields (chunk, offsets, genes, values, n_expressed) per chunk. The next chunk is read in a background
-    thread while Rust works on the current one.
+    thread while Rust works on the current one. ``reuse_buffers``: input chunks and token arrays live in
+    a few buffers used in turn (no fresh memory per chunk), so a chunk's arrays are valid only until the
+    generator has advanced :data:`_BUFFER_SETS` - 1 more times; a consumer that keeps them must copy.
     """
     from . import _rust
 
-    for chunk in _prefetched(item.source.iter_chunks(options.chunk_size, item.start, item.stop)):
+    chunks = item.source.iter_chunks(
+        options.chunk_size, item.start, item.stop, reuse=_BUFFER_SETS if reuse_buffers else 0
+    )
+    token_buffers: list[tuple[np.ndarray | None, np.ndarray | None]] = [(None, None)] * _BUFFER_SETS
+    for k, chunk in enumerate(_prefetched(chunks)):
+        genes_out, values_out = token_buffers[k % _BUFFER_SETS]
         offsets, token_slots, value_slots, n_expressed, _ = _call_rust(
             item.path,
             chunk,
@@ -291,10 +305,14 @@ def iter_tokenized(item: _Input, medians: Medians, options: TokenizeOptions):
             options.target_sum,
             options.allow_non_integer,
             options.threads,
+            genes_out,
+            values_out,
         )
+        if reuse_buffers:
+            token_buffers[k % _BUFFER_SETS] = (token_slots, value_slots)
         n_tokens = int(offsets[-1])  # the slots hold one token per stored entry, the first n_tokens used
         genes, values = token_slots[:n_tokens], value_slots[:n_tokens]
-        if n_tokens < len(token_slots) // 2:  # mostly genes outside the vocabulary: free the rest
+        if not reuse_buffers and n_tokens < len(token_slots) // 2:  # mostly genes outside the vocabulary
             genes, values = genes.copy(), values.copy()
         yield chunk, offsets, genes, values, n_expressed
 
@@ -315,7 +333,8 @@ def _tokenize_part(
         ThreadPoolExecutor(max_workers=1) as background,
     ):
         pending: deque = deque()
-        for chunk, offsets, genes, values, n_expressed in iter_tokenized(item, medians, options):
+        chunks = iter_tokenized(item, medians, options, reuse_buffers=True)
+        for chunk, offsets, genes, values, n_expressed in chunks:
             lengths = np.diff(offsets)
             rows = slice(chunk.start - item.start, chunk.stop - item.start)
             keep = (

@@ -155,6 +155,24 @@ def test_partial_range(inputs, name):
             src.iter_chunks(0)
 
 
+@pytest.mark.parametrize("name", ["h5ad_csr", "h5ad_dense", "anndata_zarr", "10x_h5_v3", "loom"])
+def test_reused_read_buffers_give_the_same_chunks(inputs, name):
+    """With ``reuse=n`` a chunk is a view of buffers the chunk n places later overwrites: each chunk, copied
+    when yielded, equals the plain read; for HDF5 CSR the buffers are really shared."""
+    path, _ = inputs[name]
+    with open_counts(path) as src:
+        size = max(src.n_cells // 4, 1)
+        plain = [(c.indptr.copy(), c.indices.copy(), c.data.copy()) for c in src.iter_chunks(size)]
+        reused = list(src.iter_chunks(size, reuse=2))
+        copies = [(c.indptr.copy(), c.indices.copy(), c.data.copy()) for c in src.iter_chunks(size, reuse=2)]
+    assert len(copies) == len(plain) >= 3
+    for got, expected in zip(copies, plain, strict=True):
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+    if name == "h5ad_csr":  # float32 CSR read in place: the first chunk now holds part of the third
+        assert np.shares_memory(reused[0].data, reused[2].data)
+
+
 def test_pbmc3k_h5ad_and_gene_map(pbmc3k_path, pbmc3k_adata):
     with open_counts(pbmc3k_path) as src:
         assert (src.n_cells, src.n_genes) == (2700, pbmc3k_adata.n_vars)

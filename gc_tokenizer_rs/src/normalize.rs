@@ -236,19 +236,12 @@ pub(crate) fn sum_by_token(
         if token == NO_TOKEN || value <= 0.0 {
             continue;
         }
-        add_count(acc, touched, token, value);
+        let slot = &mut acc[token as usize];
+        if *slot == 0.0 {
+            touched.push(token);
+        }
+        *slot += f64::from(value);
     }
-}
-
-/// Adds a count `value > 0` to `token`'s slot of `acc`, listing the token in `touched` when the
-/// slot was still 0.0 (untouched in this cell).
-#[inline]
-pub(crate) fn add_count(acc: &mut [f64], touched: &mut Vec<u32>, token: u32, value: f32) {
-    let slot = &mut acc[token as usize];
-    if *slot == 0.0 {
-        touched.push(token);
-    }
-    *slot += f64::from(value);
 }
 
 /// [`normalize_cell`] for a row that [`validate_row`] has accepted, whose sum it returned as

@@ -61,15 +61,17 @@ type TokenizeOutput<'py> = (
 );
 
 /// tokenize_chunk(indptr, indices, data, col_token, medians, top_k, library_size, target_sum,
-/// allow_non_integer, n_threads) -> (offsets, genes, values, n_expressed, n_dropped_no_median)
+/// allow_non_integer, n_threads, genes_out=None, values_out=None)
+/// -> (offsets, genes, values, n_expressed, n_dropped_no_median)
 ///
 /// Tokenises one CSR chunk (int64 indptr, uint32 indices, float32 data; uint32 col_token with
 /// 2**32-1 = not in vocabulary; float32 medians per token, NaN or <= 0 = unknown). `genes` and
-/// `values` have one slot per stored entry; the tokens are their first `offsets[-1]` entries.
+/// `values` have at least one slot per stored entry (`genes_out` / `values_out` when given and
+/// large enough); the tokens are their first `offsets[-1]` entries.
 #[pyfunction]
 #[pyo3(signature = (
     indptr, indices, data, col_token, medians, top_k, library_size, target_sum,
-    allow_non_integer, n_threads
+    allow_non_integer, n_threads, genes_out=None, values_out=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn tokenize_chunk<'py>(
@@ -84,6 +86,8 @@ fn tokenize_chunk<'py>(
     target_sum: f64,
     allow_non_integer: bool,
     n_threads: usize,
+    genes_out: Option<Bound<'py, PyArray1<u32>>>,
+    values_out: Option<Bound<'py, PyArray1<f32>>>,
 ) -> PyResult<TokenizeOutput<'py>> {
     let params = TokenizeParams {
         top_k,
@@ -99,13 +103,20 @@ fn tokenize_chunk<'py>(
     let data = slice(&data, "data")?;
     let col_token = slice(&col_token, "col_token")?;
     let medians = slice(&medians, "medians")?;
-    // Token buffers from numpy's allocator (huge pages for large arrays), one slot per entry.
-    let genes = PyArray1::<u32>::zeros(py, indices.len(), false);
-    let values = PyArray1::<f32>::zeros(py, indices.len(), false);
+    // Token buffers: the caller's when given and large enough (reused across chunks), else new
+    // ones from numpy's allocator (huge pages for large arrays); one slot per entry.
+    let n = indices.len();
+    let genes = genes_out
+        .filter(|a| a.len().is_ok_and(|len| len >= n))
+        .unwrap_or_else(|| PyArray1::<u32>::zeros(py, n, false));
+    let values = values_out
+        .filter(|a| a.len().is_ok_and(|len| len >= n))
+        .unwrap_or_else(|| PyArray1::<f32>::zeros(py, n, false));
     let cells = {
-        let mut genes_rw = genes.readwrite();
-        let mut values_rw = values.readwrite();
-        let contiguous = |_| PyRuntimeError::new_err("a new numpy array is not contiguous");
+        let writable = |_| PyValueError::new_err("genes_out / values_out must be writable");
+        let mut genes_rw = genes.try_readwrite().map_err(writable)?;
+        let mut values_rw = values.try_readwrite().map_err(writable)?;
+        let contiguous = |_| PyValueError::new_err("genes_out / values_out must be contiguous");
         let genes_out = genes_rw.as_slice_mut().map_err(contiguous)?;
         let values_out = values_rw.as_slice_mut().map_err(contiguous)?;
         py.detach(|| {

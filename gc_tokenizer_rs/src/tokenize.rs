@@ -1,8 +1,8 @@
 //! Chunk tokenisation: normalise, rank and truncate every cell of a CSR chunk, in parallel.
 //!
 //! Cells are processed in fixed batches of [`BATCH_CELLS`] consecutive cells; each rayon task
-//! reuses one scratch (candidate buffers, sort keys and a dense per-token accumulator, see
-//! `map_init`), so there is no per-cell heap allocation. Each batch writes its tokens straight
+//! reuses one scratch (candidate buffers, sort keys and per-token sums, see `map_init`), so
+//! there is no per-cell heap allocation. Each batch writes its tokens straight
 //! into its own region of the chunk's output arrays (a cell keeps at most one token per stored
 //! entry, so the regions follow `indptr`); the regions are then compacted in order, so 1 thread
 //! and N threads give identical bytes. Ranking sorts packed `u64` keys
@@ -11,9 +11,9 @@
 //!
 //! In a row whose columns increase, an entry is its token's only count unless other columns map
 //! to the same token (gene aliases; a few per file): such entries become candidates directly, with
-//! the median read from a per-column table in column order, and only shared tokens are summed in
-//! the dense accumulator. Rows with a repeated or unsorted column sum everything there. Both give
-//! the same candidates, so the same tokens and values.
+//! the median read from a per-column table in column order, and only shared tokens are summed
+//! first (a short list). Rows with a repeated or unsorted column sum everything in a dense
+//! per-token accumulator. All give the same candidates, so the same tokens and values.
 
 use std::ops::Range;
 
@@ -21,8 +21,8 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::normalize::{
-    add_count, check_gene_map, columns_increasing, median_is_known, sum_by_token, validate_row,
-    CsrChunk, NormParams, NO_TOKEN,
+    check_gene_map, columns_increasing, median_is_known, sum_by_token, validate_row, CsrChunk,
+    NormParams, NO_TOKEN,
 };
 use crate::topk::{rank_top_k, token_value, RankScratch};
 
@@ -79,19 +79,20 @@ pub(crate) fn build_pool(n_threads: usize) -> Result<rayon::ThreadPool> {
         })
 }
 
-/// Reusable buffers of one rayon task: a cell's candidates (`r`, token), its ranking, and a dense
-/// per-token accumulator (all zeros between cells) with the tokens a cell touched, for rows that
-/// may repeat a token.
+/// Reusable buffers of one rayon task: a cell's candidates (`r`, token), its ranking, the sums of
+/// its shared tokens, and for rows that repeat a column a dense per-token accumulator (all zeros
+/// between cells; allocated by the first such row) with the tokens the row touched.
 struct Scratch {
     r: Vec<f64>,
     token: Vec<u32>,
     ranking: RankScratch,
+    shared_sums: Vec<(u32, f64)>,
     acc: Vec<f64>,
     touched: Vec<u32>,
 }
 
 /// [`Columns::median`] of a column whose token other columns share: its counts are summed per
-/// token (through the accumulator) before the median ratio is taken.
+/// token before the median ratio is taken.
 const SHARED_TOKEN: f64 = -1.0;
 
 /// What a chunk's cells share: each input column's token and median, read in column order.
@@ -181,6 +182,7 @@ fn tokenize_cell(
         r,
         token,
         ranking,
+        shared_sums,
         acc,
         touched,
     } = scratch;
@@ -192,12 +194,13 @@ fn tokenize_cell(
             c
         }
     };
+    let median_of = |t: u32| {
+        let median = columns.token_median[t as usize];
+        median_is_known(median).then(|| f64::from(median))
+    };
     r.clear();
     token.clear();
-    touched.clear();
-    if acc.is_empty() {
-        acc.resize(columns.token_median.len(), 0.0);
-    }
+    shared_sums.clear();
     let mut dropped = 0u64;
     if columns_increasing(indices) {
         // No column twice: an entry is its token's only count unless other columns share it.
@@ -211,22 +214,38 @@ fn tokenize_cell(
                 r.push(normalise(f64::from(value)) / median);
                 token.push(t);
             } else if median == SHARED_TOKEN {
-                add_count(acc, touched, t, value);
+                // Summed in index order, as the accumulator would (a few such tokens per file).
+                match shared_sums.iter_mut().find(|(shared, _)| *shared == t) {
+                    Some((_, sum)) => *sum += f64::from(value),
+                    None => shared_sums.push((t, f64::from(value))),
+                }
             } else {
                 dropped += 1;
             }
         }
+        for &(t, c) in shared_sums.iter() {
+            match median_of(t) {
+                Some(median) => {
+                    r.push(normalise(c) / median);
+                    token.push(t);
+                }
+                None => dropped += 1,
+            }
+        }
     } else {
+        if acc.is_empty() {
+            acc.resize(columns.token_median.len(), 0.0);
+        }
         sum_by_token(indices, data, columns.token, acc, touched);
-    }
-    for &t in touched.iter() {
-        let c = std::mem::take(&mut acc[t as usize]);
-        let median = columns.token_median[t as usize];
-        if median_is_known(median) {
-            r.push(normalise(c) / f64::from(median));
-            token.push(t);
-        } else {
-            dropped += 1;
+        for &t in touched.iter() {
+            let c = std::mem::take(&mut acc[t as usize]);
+            match median_of(t) {
+                Some(median) => {
+                    r.push(normalise(c) / median);
+                    token.push(t);
+                }
+                None => dropped += 1,
+            }
         }
     }
     rank_top_k(r, token, params.top_k, ranking);
@@ -424,7 +443,8 @@ pub fn tokenize_chunk_into(
                     r: Vec::new(),
                     token: Vec::new(),
                     ranking: RankScratch::default(),
-                    acc: Vec::new(), // sized on first use
+                    shared_sums: Vec::new(),
+                    acc: Vec::new(), // sized by the first row that needs it
                     touched: Vec::new(),
                 },
                 |scratch, job| tokenize_batch(&matrix, job, &columns, params, scratch),
@@ -909,5 +929,40 @@ pub(crate) mod tests {
                     .collect::<Vec<_>>()
             );
         }
+    }
+
+    #[test]
+    fn unsorted_and_repeated_columns_match_canonical_rows() {
+        // The same counts as canonical CSR (direct path, shared tokens summed in a list) and with
+        // each row's entries reversed and its first count split over two entries of one column
+        // (dense accumulator path): identical tokens and values.
+        let mut rng = Rng::new(5);
+        let n_cols = 90;
+        let (indptr, indices, data) = random_csr(&mut rng, 300, n_cols, 70);
+        let col_token: Vec<u32> = (0..n_cols).map(|c| (c % 60) as u32).collect();
+        let medians: Vec<f32> = (0..60).map(|t| 0.25 + (t % 9) as f32).collect();
+        let (mut indptr2, mut indices2, mut data2) = (vec![0i64], Vec::new(), Vec::new());
+        for i in 0..300 {
+            let (a, b) = ((indptr[i] - 1000) as usize, (indptr[i + 1] - 1000) as usize);
+            for k in (a..b).rev() {
+                if k == a && data[k] >= 2.0 {
+                    let half = (data[k] / 2.0).floor();
+                    indices2.extend([indices[k], indices[k]]);
+                    data2.extend([half, data[k] - half]);
+                } else {
+                    indices2.push(indices[k]);
+                    data2.push(data[k]);
+                }
+            }
+            indptr2.push(indices2.len() as i64);
+        }
+        let p = params(2048, true, 2);
+        let canonical = tokenize_chunk(&indptr, &indices, &data, &col_token, &medians, &p).unwrap();
+        let shuffled =
+            tokenize_chunk(&indptr2, &indices2, &data2, &col_token, &medians, &p).unwrap();
+        assert_eq!(canonical.offsets, shuffled.offsets);
+        assert_eq!(canonical.genes, shuffled.genes);
+        assert_eq!(canonical.values, shuffled.values);
+        assert_eq!(canonical.n_expressed, shuffled.n_expressed);
     }
 }
