@@ -56,12 +56,14 @@ def concatenated(source: Path, copies: int, out: Path) -> Path:
 
 
 def measure_read(path: str) -> dict:
+    """gc's reader as `gc tokenize` drives it (same chunk size, reused buffers), doing nothing else."""
     from genecompass.io import open_counts
+    from genecompass.tokenize import _BUFFER_SETS, TokenizeOptions
 
     start, cpu = time.perf_counter(), _cpu_seconds()
     n = 0
     with open_counts(path) as source:
-        for chunk in source.iter_chunks(8192):
+        for chunk in source.iter_chunks(TokenizeOptions().chunk_size, reuse=_BUFFER_SETS):
             n += chunk.stop - chunk.start
     return {"cells": n, "seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu}
 
@@ -73,7 +75,7 @@ def measure_h5py_floor(path: str) -> dict:
     with h5py.File(path, "r") as f:
         X = f["X"]
         indptr = X["indptr"][:]
-        step = 8192
+        step = 4096
         for lo in range(0, len(indptr) - 1, step):
             hi = min(lo + step, len(indptr) - 1)
             X["indices"][indptr[lo] : indptr[hi]]

@@ -49,7 +49,7 @@ def tokenize(
     species: str | None = SpeciesOption,
     layer: str | None = typer.Option(None, "--layer", help="Read counts from `raw` or layers/NAME."),
     allow_non_integer: bool = typer.Option(False, "--allow-non-integer", help="Accept non-integer counts."),
-    chunk_size: int = typer.Option(8192, "--chunk-size", help="Cells per chunk; bounds memory."),
+    chunk_size: int = typer.Option(4096, "--chunk-size", help="Cells per chunk; bounds memory."),
     threads: int = ThreadsOption,
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,

@@ -35,7 +35,7 @@ class TokenizeOptions:
     top_k: int = 2048  # genes kept per cell (the paper's context length)
     library_size: bool = True  # scale each cell to target_sum; False reproduces the original code
     target_sum: float = 1e4
-    chunk_size: int = 8192  # cells per chunk handed to Rust: bounds memory
+    chunk_size: int = 4096  # cells per chunk handed to Rust: bounds memory (6 reused buffer sets)
     threads: int = 0  # Rust worker threads; 0 = all cores
     allow_non_integer: bool = False
     species: str | None = None  # None = detect from the gene IDs

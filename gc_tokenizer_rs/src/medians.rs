@@ -44,7 +44,8 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::normalize::{
-    check_gene_map, normalize_validated, validate_row, CellScratch, CsrChunk, NormParams,
+    check_gene_map, normalize_validated, validate_row, CellScratch, ColumnTokens, CsrChunk,
+    NormParams,
 };
 use crate::tokenize::{build_pool, BATCH_CELLS};
 
@@ -286,7 +287,7 @@ fn windows(matrix: &CsrChunk<'_>, window_nnz: usize) -> Vec<Range<usize>> {
 fn normalize_batch(
     matrix: &CsrChunk<'_>,
     cells: Range<usize>,
-    col_token: &[u32],
+    columns: &ColumnTokens<'_>,
     params: &NormParams,
     scratch: &mut Scratch,
 ) -> Result<BatchValues> {
@@ -299,7 +300,7 @@ fn normalize_batch(
             total,
             indices,
             data,
-            col_token,
+            columns,
             params,
             &mut scratch.cell,
             &mut scratch.normalized,
@@ -435,8 +436,8 @@ impl MedianAccumulator {
         params.validate()?;
         let matrix = CsrChunk::new(indptr, indices, data)?;
         check_gene_map(col_token, self.vocab_size)?;
+        let columns = ColumnTokens::new(col_token, self.vocab_size);
         let n_cells = matrix.n_cells();
-        let vocab_size = self.vocab_size;
         let shards = &mut self.shards;
 
         let pool = build_pool(n_threads)?;
@@ -469,12 +470,12 @@ impl MedianAccumulator {
                     .into_par_iter()
                     .map_init(
                         || Scratch {
-                            cell: CellScratch::new(vocab_size),
+                            cell: CellScratch::default(),
                             normalized: Vec::new(),
                             batch: Vec::new(),
                         },
                         |scratch, cells| {
-                            normalize_batch(&matrix, cells, col_token, &params, scratch)
+                            normalize_batch(&matrix, cells, &columns, &params, scratch)
                         },
                     )
                     .collect::<Result<Vec<BatchValues>>>()?;

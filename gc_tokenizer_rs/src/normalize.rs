@@ -103,6 +103,15 @@ pub struct NormParams {
 }
 
 impl NormParams {
+    /// `c -> x` for a cell whose counts sum to `total`: `(c / total) * target_sum` with library-size
+    /// scaling (and `total > 0`), else `c`.
+    #[inline]
+    pub fn normaliser(&self, total: f64) -> impl Fn(f64) -> f64 {
+        let scale = self.library_size && total > 0.0;
+        let target_sum = self.target_sum;
+        move |c| if scale { (c / total) * target_sum } else { c }
+    }
+
     /// Rejects a non-finite or non-positive `target_sum` when library-size scaling is on.
     pub fn validate(&self) -> Result<()> {
         if self.library_size && !(self.target_sum.is_finite() && self.target_sum > 0.0) {
@@ -115,19 +124,104 @@ impl NormParams {
     }
 }
 
-/// Reusable per-task scratch: a dense per-token accumulator and the list of touched tokens.
-/// Between cells every slot of `acc` is back to 0, so one allocation serves a whole task.
+/// How a chunk's input columns map to tokens: each column's token, and whether another column
+/// maps to the same token (gene aliases; a few per file), whose counts are then summed per token.
 #[derive(Debug, Clone)]
+pub struct ColumnTokens<'a> {
+    /// Token of each input column, [`NO_TOKEN`] = not in the vocabulary.
+    pub token: &'a [u32],
+    shared: Vec<bool>,
+    vocab_size: usize,
+}
+
+impl<'a> ColumnTokens<'a> {
+    /// `col_token` must have passed [`check_gene_map`] for `vocab_size`.
+    pub fn new(col_token: &'a [u32], vocab_size: usize) -> Self {
+        let mut n_columns = vec![0u8; vocab_size];
+        for &token in col_token.iter().filter(|&&t| t != NO_TOKEN) {
+            n_columns[token as usize] = n_columns[token as usize].saturating_add(1);
+        }
+        let shared = col_token
+            .iter()
+            .map(|&t| t != NO_TOKEN && n_columns[t as usize] > 1)
+            .collect();
+        Self {
+            token: col_token,
+            shared,
+            vocab_size,
+        }
+    }
+}
+
+/// Reusable per-task buffers of [`for_each_count`]: sums of shared tokens, and for rows that
+/// repeat a column a dense per-token accumulator (all zeros between cells; allocated by the first
+/// such row) with the tokens the row touched.
+#[derive(Debug, Clone, Default)]
 pub struct CellScratch {
+    shared_sums: Vec<(u32, f64)>,
     acc: Vec<f64>,
     touched: Vec<u32>,
 }
 
-impl CellScratch {
-    pub fn new(vocab_size: usize) -> Self {
-        Self {
-            acc: vec![0.0; vocab_size],
-            touched: Vec::new(),
+/// Calls `emit(token, c, column)` once for every vocabulary token of a validated row whose summed
+/// count `c` (f64, added in index order) is > 0; `column` is the token's single column when the
+/// count is one entry's, else None.
+///
+/// In a row whose columns increase, an entry is its token's only count unless its column is
+/// shared: such entries are emitted directly, in column order, then the shared tokens' sums (a
+/// short list). Rows with a repeated or unsorted column go through the dense accumulator, in order
+/// of first occurrence. The same counts either way.
+#[inline]
+pub fn for_each_count(
+    indices: &[u32],
+    data: &[f32],
+    columns: &ColumnTokens<'_>,
+    scratch: &mut CellScratch,
+    mut emit: impl FnMut(u32, f64, Option<usize>),
+) {
+    let CellScratch {
+        shared_sums,
+        acc,
+        touched,
+    } = scratch;
+    if columns_increasing(indices) {
+        shared_sums.clear();
+        for (&column, &value) in indices.iter().zip(data) {
+            let column = column as usize;
+            let token = columns.token[column];
+            if token == NO_TOKEN || value <= 0.0 {
+                continue;
+            }
+            if !columns.shared[column] {
+                emit(token, f64::from(value), Some(column));
+            } else {
+                match shared_sums.iter_mut().find(|(t, _)| *t == token) {
+                    Some((_, sum)) => *sum += f64::from(value),
+                    None => shared_sums.push((token, f64::from(value))),
+                }
+            }
+        }
+        for &(token, c) in shared_sums.iter() {
+            emit(token, c, None);
+        }
+    } else {
+        if acc.is_empty() {
+            acc.resize(columns.vocab_size, 0.0);
+        }
+        touched.clear();
+        for (&column, &value) in indices.iter().zip(data) {
+            let token = columns.token[column as usize];
+            if token == NO_TOKEN || value <= 0.0 {
+                continue;
+            }
+            let slot = &mut acc[token as usize];
+            if *slot == 0.0 {
+                touched.push(token);
+            }
+            *slot += f64::from(value);
+        }
+        for &token in touched.iter() {
+            emit(token, std::mem::take(&mut acc[token as usize]), None);
         }
     }
 }
@@ -186,13 +280,12 @@ pub fn validate_row(
 }
 
 /// Validates row `cell` (see [`validate_row`]) and writes `(token, x)` for every vocabulary token
-/// with a summed count `c > 0` into `out` (cleared first), in order of the token's first
-/// occurrence in the row. On error `scratch` is left clean.
+/// with a summed count `c > 0` into `out` (cleared first; order as [`for_each_count`]).
 pub fn normalize_cell(
     cell: usize,
     indices: &[u32],
     data: &[f32],
-    col_token: &[u32],
+    columns: &ColumnTokens<'_>,
     params: &NormParams,
     scratch: &mut CellScratch,
     out: &mut Vec<(u32, f64)>,
@@ -203,10 +296,10 @@ pub fn normalize_cell(
         cell,
         indices,
         data,
-        col_token.len(),
+        columns.token.len(),
         params.allow_non_integer,
     )?;
-    normalize_validated(total, indices, data, col_token, params, scratch, out);
+    normalize_validated(total, indices, data, columns, params, scratch, out);
     Ok(())
 }
 
@@ -219,59 +312,22 @@ pub fn columns_increasing(indices: &[u32]) -> bool {
         .fold(true, |increasing, pair| increasing & (pair[0] < pair[1]))
 }
 
-/// Sums a validated row's counts per vocabulary token into `acc` (f64, index order, so duplicate
-/// columns add up the same way everywhere) and lists the tokens touched, in order of first
-/// occurrence, in `touched` (cleared first). Only `c > 0` is added, so a slot that is still 0.0
-/// has not been touched in this cell; the caller resets the touched slots afterwards.
-pub(crate) fn sum_by_token(
-    indices: &[u32],
-    data: &[f32],
-    col_token: &[u32],
-    acc: &mut [f64],
-    touched: &mut Vec<u32>,
-) {
-    touched.clear();
-    for (&column, &value) in indices.iter().zip(data) {
-        let token = col_token[column as usize];
-        if token == NO_TOKEN || value <= 0.0 {
-            continue;
-        }
-        let slot = &mut acc[token as usize];
-        if *slot == 0.0 {
-            touched.push(token);
-        }
-        *slot += f64::from(value);
-    }
-}
-
 /// [`normalize_cell`] for a row that [`validate_row`] has accepted, whose sum it returned as
 /// `total` (so the checks are not repeated).
 pub fn normalize_validated(
     total: f64,
     indices: &[u32],
     data: &[f32],
-    col_token: &[u32],
+    columns: &ColumnTokens<'_>,
     params: &NormParams,
     scratch: &mut CellScratch,
     out: &mut Vec<(u32, f64)>,
 ) {
     out.clear();
-    // Pass 2: sum duplicate columns per token.
-    let CellScratch { acc, touched } = scratch;
-    sum_by_token(indices, data, col_token, acc, touched);
-    let scale = params.library_size && total > 0.0;
-    out.reserve(touched.len());
-    for &token in touched.iter() {
-        let slot = &mut acc[token as usize];
-        let c = *slot;
-        *slot = 0.0;
-        let x = if scale {
-            (c / total) * params.target_sum
-        } else {
-            c
-        };
-        out.push((token, x));
-    }
+    let x_of = params.normaliser(total);
+    for_each_count(indices, data, columns, scratch, |token, c, _| {
+        out.push((token, x_of(c)))
+    });
 }
 
 /// Whether a median is usable: finite and > 0 (NaN, inf, 0 and negatives mean "unknown").
@@ -320,11 +376,45 @@ mod tests {
             .filter(|&&t| t != NO_TOKEN)
             .max()
             .map_or(0, |&t| t as usize + 1);
-        let mut scratch = CellScratch::new(vocab);
+        let columns = ColumnTokens::new(col_token, vocab);
+        let mut scratch = CellScratch::default();
         let mut out = Vec::new();
-        normalize_cell(3, indices, data, col_token, params, &mut scratch, &mut out)?;
+        normalize_cell(3, indices, data, &columns, params, &mut scratch, &mut out)?;
         assert!(scratch.acc.iter().all(|&v| v == 0.0), "scratch not reset");
         Ok(out)
+    }
+
+    #[test]
+    fn canonical_and_other_rows_give_the_same_counts() {
+        // Columns 0 and 2 share token 1. Canonical row: direct entries, then the shared sum.
+        // The same counts unsorted, and with column 4 split over two entries: dense accumulator.
+        let col_token = [1, 0, 1, NO_TOKEN, 2];
+        let sorted = |mut v: Vec<(u32, f64)>| {
+            v.sort_by_key(|e| e.0);
+            v
+        };
+        let canonical = norm(
+            &[0, 1, 2, 3, 4],
+            &[2.0, 1.0, 3.0, 5.0, 4.0],
+            &col_token,
+            &RAW,
+        );
+        let expected = vec![(0, 1.0), (2, 4.0), (1, 5.0)];
+        assert_eq!(canonical.unwrap(), expected);
+        let unsorted = norm(
+            &[4, 2, 1, 3, 0],
+            &[4.0, 3.0, 1.0, 5.0, 2.0],
+            &col_token,
+            &RAW,
+        );
+        assert_eq!(sorted(unsorted.unwrap()), sorted(expected.clone()));
+        let repeated = norm(
+            &[0, 1, 2, 3, 4, 4],
+            &[2.0, 1.0, 3.0, 5.0, 1.0, 3.0],
+            &col_token,
+            &RAW,
+        );
+        assert_eq!(sorted(repeated.unwrap()), sorted(expected));
     }
 
     #[test]
@@ -416,19 +506,20 @@ mod tests {
     #[test]
     fn error_leaves_scratch_clean() {
         let col_token = [0, 1];
-        let mut scratch = CellScratch::new(2);
+        let columns = ColumnTokens::new(&col_token, 2);
+        let mut scratch = CellScratch::default();
         let mut out = Vec::new();
         let r = normalize_cell(
             0,
             &[0, 1],
             &[2.0, -1.0],
-            &col_token,
+            &columns,
             &RAW,
             &mut scratch,
             &mut out,
         );
         assert!(r.is_err());
-        normalize_cell(1, &[1], &[4.0], &col_token, &RAW, &mut scratch, &mut out).unwrap();
+        normalize_cell(1, &[1], &[4.0], &columns, &RAW, &mut scratch, &mut out).unwrap();
         assert_eq!(out, vec![(1, 4.0)]);
     }
 

@@ -9,11 +9,8 @@
 //! ([`crate::topk::rank_top_k`]) and is exactly the comparator order. On invalid input the error
 //! of the first offending cell (in cell order) is returned, whatever the thread count.
 //!
-//! In a row whose columns increase, an entry is its token's only count unless other columns map
-//! to the same token (gene aliases; a few per file): such entries become candidates directly, with
-//! the median read from a per-column table in column order, and only shared tokens are summed
-//! first (a short list). Rows with a repeated or unsorted column sum everything in a dense
-//! per-token accumulator. All give the same candidates, so the same tokens and values.
+//! Counts reach the ranking through [`for_each_count`]: in canonical rows an entry is usually its
+//! token's only count, and its median is then read from a per-column table, in column order.
 
 use std::ops::Range;
 
@@ -21,8 +18,8 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::normalize::{
-    check_gene_map, columns_increasing, median_is_known, sum_by_token, validate_row, CsrChunk,
-    NormParams, NO_TOKEN,
+    check_gene_map, for_each_count, median_is_known, validate_row, CellScratch, ColumnTokens,
+    CsrChunk, NormParams,
 };
 use crate::topk::{rank_top_k, token_value, RankScratch};
 
@@ -79,54 +76,37 @@ pub(crate) fn build_pool(n_threads: usize) -> Result<rayon::ThreadPool> {
         })
 }
 
-/// Reusable buffers of one rayon task: a cell's candidates (`r`, token), its ranking, the sums of
-/// its shared tokens, and for rows that repeat a column a dense per-token accumulator (all zeros
-/// between cells; allocated by the first such row) with the tokens the row touched.
+/// Reusable buffers of one rayon task: a cell's candidates (`r`, token), its ranking, and the
+/// buffers of [`for_each_count`].
+#[derive(Default)]
 struct Scratch {
     r: Vec<f64>,
     token: Vec<u32>,
     ranking: RankScratch,
-    shared_sums: Vec<(u32, f64)>,
-    acc: Vec<f64>,
-    touched: Vec<u32>,
+    counts: CellScratch,
 }
 
-/// [`Columns::median`] of a column whose token other columns share: its counts are summed per
-/// token before the median ratio is taken.
-const SHARED_TOKEN: f64 = -1.0;
-
-/// What a chunk's cells share: each input column's token and median, read in column order.
+/// What a chunk's cells share: how columns map to tokens, and each column's median, read in
+/// column order.
 struct Columns<'a> {
-    token: &'a [u32],
-    /// Per column: the median (f64, > 0) of its token; NaN when the token has no known median;
-    /// [`SHARED_TOKEN`] when another column maps to the same token; unused for columns without one.
+    tokens: ColumnTokens<'a>,
+    /// Per column: the median (f64, > 0) of its token; NaN when it has no token or no known median.
     median: Vec<f64>,
-    /// Medians by token, for counts summed per token.
+    /// Medians by token, for counts summed over several columns.
     token_median: &'a [f32],
 }
 
 impl<'a> Columns<'a> {
     fn new(col_token: &'a [u32], medians: &'a [f32]) -> Self {
-        let mut n_columns = vec![0u8; medians.len()];
-        for &token in col_token.iter().filter(|&&t| t != NO_TOKEN) {
-            n_columns[token as usize] = n_columns[token as usize].saturating_add(1);
-        }
         let median = col_token
             .iter()
-            .map(|&token| {
-                if token == NO_TOKEN {
-                    f64::NAN
-                } else if n_columns[token as usize] > 1 {
-                    SHARED_TOKEN
-                } else if median_is_known(medians[token as usize]) {
-                    f64::from(medians[token as usize])
-                } else {
-                    f64::NAN
-                }
+            .map(|&token| match medians.get(token as usize) {
+                Some(&m) if median_is_known(m) => f64::from(m),
+                _ => f64::NAN, // NO_TOKEN is past the end of `medians`
             })
             .collect();
         Self {
-            token: col_token,
+            tokens: ColumnTokens::new(col_token, medians.len()),
             median,
             token_median: medians,
         }
@@ -175,79 +155,31 @@ fn tokenize_cell(
         cell,
         indices,
         data,
-        columns.token.len(),
+        columns.tokens.token.len(),
         norm.allow_non_integer,
     )?;
     let Scratch {
         r,
         token,
         ranking,
-        shared_sums,
-        acc,
-        touched,
+        counts,
     } = scratch;
-    let scale = norm.library_size && total > 0.0;
-    let normalise = |c: f64| {
-        if scale {
-            (c / total) * norm.target_sum
-        } else {
-            c
-        }
-    };
-    let median_of = |t: u32| {
-        let median = columns.token_median[t as usize];
-        median_is_known(median).then(|| f64::from(median))
-    };
+    let x_of = norm.normaliser(total);
     r.clear();
     token.clear();
-    shared_sums.clear();
     let mut dropped = 0u64;
-    if columns_increasing(indices) {
-        // No column twice: an entry is its token's only count unless other columns share it.
-        for (&column, &value) in indices.iter().zip(data) {
-            let t = columns.token[column as usize];
-            if t == NO_TOKEN || value <= 0.0 {
-                continue;
-            }
-            let median = columns.median[column as usize];
-            if median > 0.0 {
-                r.push(normalise(f64::from(value)) / median);
-                token.push(t);
-            } else if median == SHARED_TOKEN {
-                // Summed in index order, as the accumulator would (a few such tokens per file).
-                match shared_sums.iter_mut().find(|(shared, _)| *shared == t) {
-                    Some((_, sum)) => *sum += f64::from(value),
-                    None => shared_sums.push((t, f64::from(value))),
-                }
-            } else {
-                dropped += 1;
-            }
+    for_each_count(indices, data, &columns.tokens, counts, |t, c, column| {
+        let median = match column {
+            Some(column) => columns.median[column],
+            None => f64::from(columns.token_median[t as usize]),
+        };
+        if median_is_known(median as f32) {
+            r.push(x_of(c) / median);
+            token.push(t);
+        } else {
+            dropped += 1;
         }
-        for &(t, c) in shared_sums.iter() {
-            match median_of(t) {
-                Some(median) => {
-                    r.push(normalise(c) / median);
-                    token.push(t);
-                }
-                None => dropped += 1,
-            }
-        }
-    } else {
-        if acc.is_empty() {
-            acc.resize(columns.token_median.len(), 0.0);
-        }
-        sum_by_token(indices, data, columns.token, acc, touched);
-        for &t in touched.iter() {
-            let c = std::mem::take(&mut acc[t as usize]);
-            match median_of(t) {
-                Some(median) => {
-                    r.push(normalise(c) / median);
-                    token.push(t);
-                }
-                None => dropped += 1,
-            }
-        }
-    }
+    });
     rank_top_k(r, token, params.top_k, ranking);
     // Equal r are adjacent: one log2 per distinct value.
     let (mut last_r, mut last_value) = (f64::NAN, 0.0f32);
@@ -438,17 +370,9 @@ pub fn tokenize_chunk_into(
     let pool = build_pool(params.n_threads)?;
     let results: Vec<Result<BatchDone>> = pool.install(|| {
         jobs.into_par_iter()
-            .map_init(
-                || Scratch {
-                    r: Vec::new(),
-                    token: Vec::new(),
-                    ranking: RankScratch::default(),
-                    shared_sums: Vec::new(),
-                    acc: Vec::new(), // sized by the first row that needs it
-                    touched: Vec::new(),
-                },
-                |scratch, job| tokenize_batch(&matrix, job, &columns, params, scratch),
-            )
+            .map_init(Scratch::default, |scratch, job| {
+                tokenize_batch(&matrix, job, &columns, params, scratch)
+            })
             .collect()
     });
     // The first error in batch order is the first offending cell.
