@@ -830,34 +830,12 @@ def _open_h5(path: Path) -> Any:
         raise InputError(f"{path}: file is truncated or not HDF5 ({e})") from e
 
 
-def large_buffers_back_to_the_os() -> None:
-    """Have glibc serve allocations of 1 MiB and more with mmap, so that freed chunk buffers return to the
-    system instead of staying in the heap of whichever thread (reader, Rust workers, writer) freed them.
-
-    Without this, glibc's adaptive threshold moves chunk-sized buffers into the heaps and the peak resident
-    memory of a streaming pass keeps growing with the number of chunks read (Kang x8, read only: 343 MiB with
-    it, 406 MiB without). Process-wide and harmless elsewhere (a large array costs one mmap); a no-op on other
-    C libraries.
-    """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def open_counts(path: str | Path, *, layer: str | None = None) -> CountSource:
     """Open a count matrix (h5ad, 10x HDF5, 10x MTX directory, AnnData Zarr or loom) for streaming.
 
     ``layer``: h5ad/zarr ``"raw"`` (``raw/X``) or a ``layers/`` name; loom a ``layers/`` name; 10x v2 HDF5
     a genome name. Raises :class:`~genecompass.errors.InputError` naming the file for anything it cannot use.
-    Streaming reads return their buffers to the system (:func:`large_buffers_back_to_the_os`).
     """
-    large_buffers_back_to_the_os()
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")

@@ -253,17 +253,20 @@ fn shard_of(token: u32) -> usize {
 }
 
 /// The entries of one batch of cells, partitioned by shard: the entries of shard `s` are
-/// `entries[offsets[s]..offsets[s + 1]]`.
+/// `entries[offsets[s]..offsets[s + 1]]`. Kept in the accumulator and reused from window to
+/// window and chunk to chunk (a few MiB per batch: fresh ones would be page-faulted in each time).
+#[derive(Debug, Clone, Default)]
 struct BatchValues {
+    unsorted: Vec<Entry>,
     entries: Vec<Entry>,
     offsets: Vec<usize>,
 }
 
 /// Reusable buffers of one rayon task of [`MedianAccumulator::add_chunk`].
+#[derive(Default)]
 struct Scratch {
     cell: CellScratch,
     normalized: Vec<(u32, f64)>,
-    batch: Vec<Entry>,
 }
 
 /// Splits `cells` into windows of about [`WINDOW_NNZ`] stored entries (at least one cell each).
@@ -283,15 +286,16 @@ fn windows(matrix: &CsrChunk<'_>, window_nnz: usize) -> Vec<Range<usize>> {
     out
 }
 
-/// Normalises one batch of cells and partitions the entries by shard.
+/// Normalises one batch of cells into `out`, its entries partitioned by shard.
 fn normalize_batch(
     matrix: &CsrChunk<'_>,
     cells: Range<usize>,
     columns: &ColumnTokens<'_>,
     params: &NormParams,
     scratch: &mut Scratch,
-) -> Result<BatchValues> {
-    scratch.batch.clear();
+    out: &mut BatchValues,
+) -> Result<()> {
+    out.unsorted.clear();
     for cell in cells {
         // Every row was validated before (step 1 of `add_chunk_windowed`): skip the checks.
         let (indices, data) = matrix.row(cell)?;
@@ -305,8 +309,7 @@ fn normalize_batch(
             &mut scratch.cell,
             &mut scratch.normalized,
         );
-        scratch
-            .batch
+        out.unsorted
             .extend(scratch.normalized.iter().map(|&(token, x)| Entry {
                 token,
                 bin: bin_of(x),
@@ -314,21 +317,24 @@ fn normalize_batch(
             }));
     }
     // Counting sort by shard (stable, so the layout is deterministic too).
-    let mut offsets = vec![0usize; N_SHARDS + 1];
-    for e in &scratch.batch {
+    let offsets = &mut out.offsets;
+    offsets.clear();
+    offsets.resize(N_SHARDS + 1, 0);
+    for e in &out.unsorted {
         offsets[shard_of(e.token) + 1] += 1;
     }
     for s in 0..N_SHARDS {
         offsets[s + 1] += offsets[s];
     }
     let mut next = offsets.clone();
-    let mut entries = vec![Entry::default(); scratch.batch.len()];
-    for &e in &scratch.batch {
+    out.entries.clear();
+    out.entries.resize(out.unsorted.len(), Entry::default());
+    for &e in &out.unsorted {
         let slot = &mut next[shard_of(e.token)];
-        entries[*slot] = e;
+        out.entries[*slot] = e;
         *slot += 1;
     }
-    Ok(BatchValues { entries, offsets })
+    Ok(())
 }
 
 /// Streaming per-token lower median of the normalised expression over cells where it is non-zero.
@@ -339,6 +345,8 @@ pub struct MedianAccumulator {
     target_sum: f64,
     /// `shards[s][i]` is the histogram of token `i * N_SHARDS + s`.
     shards: Vec<Vec<TokenHist>>,
+    /// Scratch of `add_chunk` (not part of the state).
+    batch_buffers: Vec<BatchValues>,
 }
 
 impl PartialEq for MedianAccumulator {
@@ -367,6 +375,7 @@ impl MedianAccumulator {
             library_size,
             target_sum,
             shards,
+            batch_buffers: Vec::new(),
         }
     }
 
@@ -439,6 +448,7 @@ impl MedianAccumulator {
         let columns = ColumnTokens::new(col_token, self.vocab_size);
         let n_cells = matrix.n_cells();
         let shards = &mut self.shards;
+        let buffers = &mut self.batch_buffers;
 
         let pool = build_pool(n_threads)?;
         pool.install(|| {
@@ -466,21 +476,19 @@ impl MedianAccumulator {
                     .step_by(BATCH_CELLS)
                     .map(|a| a..(a + BATCH_CELLS).min(window.end))
                     .collect();
-                let values = batches
-                    .into_par_iter()
-                    .map_init(
-                        || Scratch {
-                            cell: CellScratch::default(),
-                            normalized: Vec::new(),
-                            batch: Vec::new(),
-                        },
-                        |scratch, cells| {
-                            normalize_batch(&matrix, cells, &columns, &params, scratch)
-                        },
-                    )
-                    .collect::<Result<Vec<BatchValues>>>()?;
+                if buffers.len() < batches.len() {
+                    buffers.resize_with(batches.len(), BatchValues::default);
+                }
+                let values = &mut buffers[..batches.len()];
+                values.par_iter_mut().zip(batches).try_for_each_init(
+                    Scratch::default,
+                    |scratch, (out, cells)| {
+                        normalize_batch(&matrix, cells, &columns, &params, scratch, out)
+                    },
+                )?;
+                let values = &*values;
                 shards.par_iter_mut().enumerate().for_each(|(s, hists)| {
-                    for batch in &values {
+                    for batch in values {
                         for e in &batch.entries[batch.offsets[s]..batch.offsets[s + 1]] {
                             hists[e.token as usize / N_SHARDS].add(e.bin, e.value);
                         }
