@@ -269,9 +269,9 @@ def _call_rust(path: Path, chunk, function, *args):
         ) from None
 
 
-#: Buffer sets a streaming pass cycles through: the chunk being processed, the one waiting in the
-#: prefetch queue (depth 1) and the one being read; one more for the chunk whose tokens the writer
-#: may still be compressing.
+#: Buffer sets a streaming pass cycles through. Input chunks: the one being tokenised, the one waiting in
+#: the prefetch queue (depth 1) and the one being read. Tokens: the chunk being tokenised and the one the
+#: writer may still be compressing (at most one waits, see ``_tokenize_part``).
 _BUFFER_SETS = 3
 
 

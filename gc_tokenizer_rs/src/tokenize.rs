@@ -2,10 +2,10 @@
 //!
 //! Cells are processed in fixed batches of [`BATCH_CELLS`] consecutive cells; each rayon task
 //! reuses one scratch (candidate buffers, sort keys and per-token sums, see `map_init`), so
-//! there is no per-cell heap allocation. Each batch writes its tokens straight
-//! into its own region of the chunk's output arrays (a cell keeps at most one token per stored
-//! entry, so the regions follow `indptr`); the regions are then compacted in order, so 1 thread
-//! and N threads give identical bytes. Ranking sorts packed `u64` keys
+//! there is no per-cell heap allocation. Each batch writes its tokens straight into its own
+//! region of the chunk's output arrays (a cell keeps at most one token per stored entry, so the
+//! regions follow `indptr`); the regions are then compacted in order, so 1 thread and N threads
+//! give identical bytes. Ranking sorts packed `u64` keys
 //! ([`crate::topk::rank_top_k`]) and is exactly the comparator order. On invalid input the error
 //! of the first offending cell (in cell order) is returned, whatever the thread count.
 //!
@@ -96,14 +96,22 @@ struct Columns<'a> {
     token_median: &'a [f32],
 }
 
+/// A median as f64 when it is usable ([`median_is_known`]), else NaN.
+#[inline]
+fn usable(median: f32) -> f64 {
+    if median_is_known(median) {
+        f64::from(median)
+    } else {
+        f64::NAN
+    }
+}
+
 impl<'a> Columns<'a> {
     fn new(col_token: &'a [u32], medians: &'a [f32]) -> Self {
         let median = col_token
             .iter()
-            .map(|&token| match medians.get(token as usize) {
-                Some(&m) if median_is_known(m) => f64::from(m),
-                _ => f64::NAN, // NO_TOKEN is past the end of `medians`
-            })
+            // NO_TOKEN is past the end of `medians`
+            .map(|&token| medians.get(token as usize).map_or(f64::NAN, |&m| usable(m)))
             .collect();
         Self {
             tokens: ColumnTokens::new(col_token, medians.len()),
@@ -171,13 +179,13 @@ fn tokenize_cell(
     for_each_count(indices, data, &columns.tokens, counts, |t, c, column| {
         let median = match column {
             Some(column) => columns.median[column],
-            None => f64::from(columns.token_median[t as usize]),
+            None => usable(columns.token_median[t as usize]),
         };
-        if median_is_known(median as f32) {
+        if median.is_nan() {
+            dropped += 1;
+        } else {
             r.push(x_of(c) / median);
             token.push(t);
-        } else {
-            dropped += 1;
         }
     });
     rank_top_k(r, token, params.top_k, ranking);
