@@ -826,13 +826,26 @@ pub(crate) mod tests {
         }
     }
 
+    /// A random chunk whose `n_cols` columns map onto `n_tokens < n_cols` tokens (column `c` to
+    /// token `c % n_tokens`, so some tokens have two columns, like gene aliases), with medians.
+    #[allow(clippy::type_complexity)]
+    fn aliased_chunk(
+        seed: u64,
+        n_cells: usize,
+        n_cols: usize,
+        n_tokens: usize,
+        max_per_row: usize,
+    ) -> (Vec<i64>, Vec<u32>, Vec<f32>, Vec<u32>, Vec<f32>) {
+        let mut rng = Rng::new(seed);
+        let (indptr, indices, data) = random_csr(&mut rng, n_cells, n_cols, max_per_row);
+        let col_token = (0..n_cols).map(|c| (c % n_tokens) as u32).collect();
+        let medians = (0..n_tokens).map(|t| 0.25 + (t % 7) as f32).collect();
+        (indptr, indices, data, col_token, medians)
+    }
+
     #[test]
     fn matches_naive_full_sort() {
-        let mut rng = Rng::new(99);
-        let n_cols = 80;
-        let (indptr, indices, data) = random_csr(&mut rng, 700, n_cols, 60);
-        let col_token: Vec<u32> = (0..n_cols).map(|c| (c % 50) as u32).collect();
-        let medians: Vec<f32> = (0..50).map(|t| 0.5 + (t % 7) as f32).collect();
+        let (indptr, indices, data, col_token, medians) = aliased_chunk(99, 700, 80, 50, 60);
         let p = params(10, true, 2);
         let out = tokenize_chunk(&indptr, &indices, &data, &col_token, &medians, &p).unwrap();
         for i in 0..700 {
@@ -868,11 +881,7 @@ pub(crate) mod tests {
         // The same counts as canonical CSR (direct path, shared tokens summed in a list) and with
         // each row's entries reversed and its first count split over two entries of one column
         // (dense accumulator path): identical tokens and values.
-        let mut rng = Rng::new(5);
-        let n_cols = 90;
-        let (indptr, indices, data) = random_csr(&mut rng, 300, n_cols, 70);
-        let col_token: Vec<u32> = (0..n_cols).map(|c| (c % 60) as u32).collect();
-        let medians: Vec<f32> = (0..60).map(|t| 0.25 + (t % 9) as f32).collect();
+        let (indptr, indices, data, col_token, medians) = aliased_chunk(5, 300, 90, 60, 70);
         let (mut indptr2, mut indices2, mut data2) = (vec![0i64], Vec::new(), Vec::new());
         for i in 0..300 {
             let (a, b) = ((indptr[i] - 1000) as usize, (indptr[i + 1] - 1000) as usize);
