@@ -208,33 +208,51 @@ class ReadBuffers:
 
     Fresh arrays for every chunk cost more than the read itself here: each large allocation is new
     memory that the kernel must fault in and zero. A chunk read into these buffers is a view of them,
-    valid until the same buffers are read into again (see :meth:`CountSource.iter_chunks`).
+    valid until the same buffers are read into again (see :meth:`CountSource.iter_chunks`). Stored dtypes
+    other than uint32/int32 indices and float32 data (int64 indices, float64 or integer counts) are read
+    into a second reused buffer and converted in place, as ``_as_u32`` / ``_as_f32`` would.
     """
 
     def __init__(self) -> None:
-        self.indices = np.empty(0, np.int32)
-        self.data = np.empty(0, np.float32)
+        self._arrays: dict[tuple[str, np.dtype], np.ndarray] = {}
 
     @staticmethod
     def fits(indices: Any, data: Any) -> bool:
-        """Whether these datasets can be read straight into the buffers (h5py, 32-bit, no conversion)."""
+        """Whether these datasets can be read into the buffers: h5py, integer indices, numeric data."""
         return (
             hasattr(indices, "read_direct")
             and hasattr(data, "read_direct")
-            and indices.dtype in (np.int32, np.uint32)
-            and data.dtype == np.float32
+            and indices.dtype.kind in "iu"
+            and data.dtype.kind in "iuf"
         )
 
-    def read(self, indices: Any, data: Any, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    def _array(self, role: str, dtype: np.dtype, n: int) -> np.ndarray:
+        """The first ``n`` elements of this role's ``dtype`` buffer (grown with headroom when too small)."""
+        key = (role, np.dtype(dtype))
+        array = self._arrays.get(key)
+        if array is None or len(array) < n:
+            array = self._arrays[key] = np.empty(n + n // 4, dtype)
+        return array[:n]
+
+    def _read(self, role: str, dataset: Any, lo: int, hi: int, target: np.dtype) -> np.ndarray:
         n = hi - lo
-        if len(self.data) < n:  # grow with headroom, so that slightly larger chunks do not reallocate
-            self.indices = np.empty(n + n // 4, np.int32)
-            self.data = np.empty(n + n // 4, np.float32)
-        index_view = self.indices[:n].view(indices.dtype)
+        stored = dataset.dtype
+        # uint32 indices may be stored as int32: same bits, read straight in (negative ones fail later).
+        direct = stored == target or (target == np.uint32 and stored == np.int32)
+        raw = self._array(role, stored, n)
         if n:
-            indices.read_direct(index_view, np.s_[lo:hi], np.s_[0:n])
-            data.read_direct(self.data, np.s_[lo:hi], np.s_[0:n])
-        return index_view, self.data[:n]
+            dataset.read_direct(raw, np.s_[lo:hi], np.s_[0:n])
+        if direct:
+            return raw if stored == target else raw.view(target)
+        out = self._array(role, target, n)
+        np.copyto(out, raw, casting="unsafe")
+        return out
+
+    def read(self, indices: Any, data: Any, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        return (
+            self._read("indices", indices, lo, hi, np.dtype(np.uint32)),
+            self._read("data", data, lo, hi, np.dtype(np.float32)),
+        )
 
 
 class _DenseRows:

@@ -173,6 +173,28 @@ def test_reused_read_buffers_give_the_same_chunks(inputs, name):
         assert np.shares_memory(reused[0].data, reused[2].data)
 
 
+def test_reused_read_buffers_convert_other_dtypes(tmp_path, pbmc3k_subset):
+    """float64 counts and int64 indices (common in public h5ad files) go through the reused buffers too,
+    converted in place exactly as a plain read converts them."""
+    sub = pbmc3k_subset.copy()
+    X = sp.csr_matrix(sub.X, dtype=np.float64)
+    X.indices, X.indptr = X.indices.astype(np.int64), X.indptr.astype(np.int64)
+    sub.X = X
+    sub.write_h5ad(tmp_path / "wide.h5ad")
+    with h5py.File(tmp_path / "wide.h5ad") as f:
+        assert (f["X/data"].dtype, f["X/indices"].dtype) == (np.float64, np.int64)
+    with open_counts(tmp_path / "wide.h5ad") as src:
+        size = max(src.n_cells // 4, 1)
+        plain = [(c.indices.copy(), c.data.copy()) for c in src.iter_chunks(size)]
+        copies = [(c.indices.copy(), c.data.copy()) for c in src.iter_chunks(size, reuse=2)]
+        reused = list(src.iter_chunks(size, reuse=2))
+    for (indices, data), (expected_indices, expected_data) in zip(copies, plain, strict=True):
+        assert indices.dtype == np.uint32 and data.dtype == np.float32
+        np.testing.assert_array_equal(indices, expected_indices)
+        np.testing.assert_array_equal(data, expected_data)
+    assert np.shares_memory(reused[0].data, reused[2].data)
+
+
 def test_pbmc3k_h5ad_and_gene_map(pbmc3k_path, pbmc3k_adata):
     with open_counts(pbmc3k_path) as src:
         assert (src.n_cells, src.n_genes) == (2700, pbmc3k_adata.n_vars)
