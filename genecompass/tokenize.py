@@ -291,6 +291,11 @@ def iter_tokenized(item: _Input, medians: Medians, options: TokenizeOptions, *, 
     token_buffers: list[tuple[np.ndarray | None, np.ndarray | None]] = [(None, None)] * _BUFFER_SETS
     for k, chunk in enumerate(_prefetched(chunks)):
         genes_out, values_out = token_buffers[k % _BUFFER_SETS]
+        n_entries = len(chunk.indices)
+        if reuse_buffers and (genes_out is None or len(genes_out) < n_entries):
+            # with headroom, so that the slightly larger chunks that follow fit too
+            genes_out = np.empty(n_entries + n_entries // 4, np.uint32)
+            values_out = np.empty(n_entries + n_entries // 4, np.float32)
         offsets, token_slots, value_slots, n_expressed, _ = _call_rust(
             item.path,
             chunk,
