@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 MEASURE = """
 import json, os, resource, sys, tempfile, time
@@ -57,8 +58,9 @@ def main() -> None:
     parser.add_argument("medians")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    trees = [str(Path(tree).resolve()) for tree in (args.old, args.new)]
     for _ in range(args.rounds):
-        for tree in (args.old, args.new):
+        for tree in trees:
             result = subprocess.run(
                 [sys.executable, "-c", MEASURE, tree, args.input, args.medians],
                 cwd=tree, stdout=subprocess.PIPE, text=True, check=True,
