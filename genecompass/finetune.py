@@ -312,7 +312,7 @@ def finetune_celltype(
                     f"{stream.path}: no obs column {key!r}; available: {', '.join(obs.columns) or 'none'}"
                 )
         tokens = stream.read_all()
-    max_length = min(options.max_length or run.max_length, run.model.config.max_position_embeddings)
+    max_length = min(options.max_length or run.max_length, run.model.config.max_sequence_length)
     tokens = _truncate(tokens, max_length)
     raw_labels = obs[label_key]
     has_label = raw_labels.notna().to_numpy()
@@ -734,7 +734,7 @@ def finetune_gene_class(
     gene_labels = read_gene_labels(labels, negatives=negatives, reference=reference)
     corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus)
     check_corpus_reference(run, corpus)
-    max_length = min(options.max_length or run.max_length, run.model.config.max_position_embeddings)
+    max_length = min(options.max_length or run.max_length, run.model.config.max_sequence_length)
     tokens = read_corpus_tokens(corpus, run.model.config.species_token_ids, max_length)
     labelled = gene_labels.tokens
     if negatives == "rest-expressed":

@@ -10,8 +10,11 @@ sentinel at masked genes). Each token's input vector is built from
 and goes through a post-LayerNorm transformer encoder using ``scaled_dot_product_attention``. The species
 token is an ordinary token at position 0 (its own ID embedding, value 0, zero knowledge), so it receives the
 position embedding, LayerNorm and dropout like every gene (the original prepended it after the embedding
-layer: its bug #9). Knowledge tables are frozen, non-persistent buffers: they never receive gradients and
-are never written into checkpoints; a model re-attaches them from its knowledge directory, checked by hash.
+layer: its bug #9). The original GeneCompass architecture is a configuration of this model
+(``species_embedding="prepended"``, ``value_encoding="scalar"``, ``fusion_activation="quick_gelu"``,
+``type_vocab_size=2``, ``knowledge_lookup="homologous"``; see ``formats.py``). Knowledge tables are
+frozen, non-persistent buffers: they never receive gradients and are never written into checkpoints; a
+model re-attaches them from its knowledge directory, checked by hash.
 
 Classes: ``GeneCompassConfig``, ``GeneCompassModel``, ``GeneCompassForPretraining`` (ID + value heads, logits
 only at masked positions), ``GeneCompassForCellClassification``, ``GeneCompassForGeneClassification``.
@@ -38,6 +41,9 @@ from .knowledge import KNOWLEDGE_TABLES, MANIFEST_NAME, load_knowledge
 IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch's cross-entropy default)
 VALUE_ENCODINGS = ("mlp", "scalar")
 CELL_EMBEDDINGS = ("species", "mean")
+SPECIES_EMBEDDINGS = ("token", "prepended")
+FUSION_ACTIVATIONS = ("gelu", "quick_gelu")
+KNOWLEDGE_LOOKUPS = ("token", "homologous")
 
 # Model sizes. `small` is the paper's ablation size (and Geneformer's); `base` is the released GeneCompass.
 # Positions: top-k genes plus one for the species token at position 0.
@@ -91,6 +97,24 @@ class GeneCompassConfig(PretrainedConfig):
     value_clamp_max: float = 16.0
     mask_value: float = -1.0  # value given to masked genes (the original's sentinel; outside the value range)
 
+    # How the species token enters. "token": an ordinary token at position 0 (its ID embedding, value 0, no
+    # knowledge) that gets the position embedding, LayerNorm and dropout like every gene. "prepended": the
+    # original GeneCompass (its bug #9, kept for parity): the species token's ID-embedding row is prepended
+    # after the embedding LayerNorm, untouched; genes take positions 0..L-1.
+    species_embedding: str = "token"
+    # Activation and LayerNorm eps inside the fusion MLP; the original uses QuickGELU (x·σ(1.702x)) and
+    # nn.LayerNorm's default eps 1e-5. None: layer_norm_eps.
+    fusion_activation: str = "gelu"
+    fusion_layer_norm_eps: float | None = None
+    # BERT's token-type embeddings (the original keeps them: row 0 is added to every gene). 0: none.
+    type_vocab_size: int = 0
+    # Scale of the projected knowledge vectors before fusion (the original's emb_warmup.alpha).
+    knowledge_scale: float = 1.0
+    # "token": knowledge rows are looked up by token id. "homologous": the original's separate human and
+    # mouse tokens; mouse cells look knowledge up through their human homologue's token
+    # (``embeddings.homologous_index``, a persistent buffer saved with the weights).
+    knowledge_lookup: str = "token"
+
     # Knowledge tables in use (a subset of KNOWLEDGE_TABLES, concatenated in that order), their widths and the
     # sha256 of each table file, so a loaded model refuses tables other than the ones it was trained with.
     knowledge_tables: list[str] = field(default_factory=list)
@@ -135,7 +159,19 @@ class GeneCompassConfig(PretrainedConfig):
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                 f"{self.num_attention_heads}"
             )
-        if self.max_position_embeddings < 2:
+        if self.species_embedding not in SPECIES_EMBEDDINGS:
+            fail(
+                f"species_embedding {self.species_embedding!r} is not one of {', '.join(SPECIES_EMBEDDINGS)}"
+            )
+        if self.fusion_activation not in FUSION_ACTIVATIONS:
+            fail(
+                f"fusion_activation {self.fusion_activation!r} is not one of {', '.join(FUSION_ACTIVATIONS)}"
+            )
+        if self.knowledge_lookup not in KNOWLEDGE_LOOKUPS:
+            fail(f"knowledge_lookup {self.knowledge_lookup!r} is not one of {', '.join(KNOWLEDGE_LOOKUPS)}")
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            fail(f"type_vocab_size must be a non-negative integer, got {self.type_vocab_size!r}")
+        if self.max_sequence_length < 2:
             fail("max_position_embeddings must leave room for the species token and at least one gene")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -169,6 +205,11 @@ class GeneCompassConfig(PretrainedConfig):
             )
         if any(not 0 <= t < self.vocab_size for t in special):
             fail(f"special token ids {special} must lie inside the vocabulary (size {self.vocab_size})")
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Longest input, species token included: with a prepended species token it takes no position."""
+        return self.max_position_embeddings + (self.species_embedding == "prepended")
 
     @property
     def special_token_ids(self) -> list[int]:
@@ -206,6 +247,13 @@ class ValueEncoder(nn.Module):
         return torch.where(is_masked, self.mask_embedding.to(encoded.dtype), encoded)
 
 
+class QuickGELU(nn.Module):
+    """x·σ(1.702x): CLIP's GELU approximation, the original GeneCompass fusion activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 class GeneCompassEmbeddings(nn.Module):
     """Token ids + values → input vectors (see the module docstring for the recipe)."""
 
@@ -226,14 +274,27 @@ class GeneCompassEmbeddings(nn.Module):
         self.knowledge_projections = nn.ModuleDict(
             {table: nn.Linear(config.knowledge_dims[table], hidden) for table in self.knowledge_tables}
         )
+        self.knowledge_scale = config.knowledge_scale
+        if config.knowledge_lookup == "homologous":
+            # token → the token whose knowledge rows a mouse cell reads (identity but for mouse genes)
+            self.register_buffer("homologous_index", torch.arange(config.vocab_size))
+        else:
+            self.homologous_index = None
+        self.mouse_token_id = config.species_token_ids.get("mouse")
         fused_width = hidden + value_width + hidden * len(self.knowledge_tables)
+        fusion_eps = config.fusion_layer_norm_eps
         self.fusion = nn.Sequential(
             nn.Linear(fused_width, hidden),
-            nn.LayerNorm(hidden, eps=config.layer_norm_eps),
-            nn.GELU(),
+            nn.LayerNorm(hidden, eps=config.layer_norm_eps if fusion_eps is None else fusion_eps),
+            QuickGELU() if config.fusion_activation == "quick_gelu" else nn.GELU(),
             nn.Linear(hidden, hidden),
         )
+        self.prepend_species = config.species_embedding == "prepended"
+        self.max_length = config.max_sequence_length
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, hidden)
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, hidden) if config.type_vocab_size else None
+        )
         self.layer_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -265,27 +326,42 @@ class GeneCompassEmbeddings(nn.Module):
             setattr(self, f"knowledge_{table}", embedding)
 
     def forward(self, input_ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:  # (B, T) → (B, T, H)
-        batch, length = input_ids.shape
-        if length > self.position_embeddings.num_embeddings:
+        if input_ids.shape[1] > self.max_length:
             raise InputError(
-                f"sequence of {length} tokens exceeds max_position_embeddings "
-                f"{self.position_embeddings.num_embeddings}; truncate cells to fewer genes"
+                f"sequence of {input_ids.shape[1]} tokens exceeds the model's {self.max_length} (species "
+                "token included); truncate cells to fewer genes"
             )
         if not self.knowledge_attached:
             raise FormatError(
                 f"the model uses knowledge tables {self.knowledge_tables} but none are attached; load it "
                 "with from_pretrained(..., knowledge_dir=DIR) or call attach_knowledge"
             )
+        knowledge_ids = input_ids
+        if self.homologous_index is not None:
+            is_mouse = input_ids[:, :1] == self.mouse_token_id  # (B, 1): the species token says
+            knowledge_ids = torch.where(is_mouse, self.homologous_index[input_ids], input_ids)
+        if not self.prepend_species:
+            return self._embed(input_ids, values, knowledge_ids)
+        species = self.gene_embeddings(input_ids[:, :1])  # (B, 1, H): no position, LayerNorm or dropout
+        genes = self._embed(input_ids[:, 1:], values[:, 1:], knowledge_ids[:, 1:])  # (B, T-1, H)
+        return torch.cat([species, genes], dim=1)
+
+    def _embed(
+        self, input_ids: torch.Tensor, values: torch.Tensor, knowledge_ids: torch.Tensor
+    ) -> torch.Tensor:  # (B, T) → (B, T, H), positions 0..T-1
         gene = self.gene_embeddings(input_ids)  # (B, T, H)
         values = values.to(gene.dtype)
         value = self.value_encoder(values) if self.value_encoder is not None else values.unsqueeze(-1)
         parts = [gene, value]
         for table in self.knowledge_tables:
-            prior = F.embedding(input_ids, self.knowledge(table))  # (B, T, dim), frozen: a buffer
-            parts.append(self.knowledge_projections[table](prior))  # (B, T, H)
-        fused = self.fusion(torch.cat(parts, dim=-1))  # (B, T, H)
-        positions = torch.arange(length, device=input_ids.device)
-        return self.dropout(self.layer_norm(fused + self.position_embeddings(positions)))
+            prior = F.embedding(knowledge_ids, self.knowledge(table))  # (B, T, dim), frozen: a buffer
+            projected = self.knowledge_projections[table](prior)  # (B, T, H)
+            parts.append(projected if self.knowledge_scale == 1.0 else self.knowledge_scale * projected)
+        embedded = self.fusion(torch.cat(parts, dim=-1))  # (B, T, H)
+        if self.token_type_embeddings is not None:
+            embedded = embedded + self.token_type_embeddings.weight[0]  # every gene is of type 0
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.dropout(self.layer_norm(embedded + self.position_embeddings(positions)))
 
 
 class SelfAttention(nn.Module):
@@ -571,6 +647,9 @@ class GeneCompassForPretraining(GeneCompassPreTrainedModel):
         is_masked = labels != IGNORE_INDEX  # (B, T)
         masked_hidden = hidden[is_masked]  # (N, H): gather first, so logits exist only where needed
         id_logits = self.id_decoder(self.id_transform(masked_hidden))  # (N, V)
+        # A masked position always holds a gene: the species tokens are never an answer.
+        species = torch.tensor(list(self.config.species_token_ids.values()), device=id_logits.device)
+        id_logits = id_logits.index_fill(-1, species, float("-inf"))
         value_predictions = self.value_decoder(self.value_transform(masked_hidden)).squeeze(-1)  # (N,)
         n_masked = int(is_masked.sum())
         id_sum = F.cross_entropy(id_logits.float(), labels[is_masked], reduction="sum")

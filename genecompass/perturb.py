@@ -296,7 +296,7 @@ class Embedder:
         self.model = model
         self.config = model.config
         self.max_tokens = int(max_tokens)
-        self.max_length = int(max_length or self.config.max_position_embeddings)
+        self.max_length = int(max_length or self.config.max_sequence_length)
         self.k = self.max_length - 1  # genes per cell the model sees
         self.device = next(model.parameters()).device
 

@@ -181,7 +181,7 @@ def load_run(
             reference_hash=info["reference_hash"] if check_reference else None,
         )
     model.eval()
-    limit = model.config.max_position_embeddings
+    limit = model.config.max_sequence_length
     max_length = min(int(info.get("max_length") or limit), limit)
     return LoadedRun(
         model=model,

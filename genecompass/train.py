@@ -554,10 +554,10 @@ def _pretrain(
             knowledge_dir=str(Path(knowledge_dir).resolve()) if knowledge_dir is not None else None,
             **config.model_overrides,
         )
-        max_length = config.max_length or model_config.max_position_embeddings
-        if max_length > model_config.max_position_embeddings:
+        max_length = config.max_length or model_config.max_sequence_length
+        if max_length > model_config.max_sequence_length:
             raise InputError(
-                f"max_length {max_length} exceeds the model's {model_config.max_position_embeddings} "
+                f"max_length {max_length} exceeds the model's {model_config.max_sequence_length} "
                 "positions"
             )
         if saved and saved["model_config"].get("knowledge_sha256") != model_config.knowledge_sha256:
