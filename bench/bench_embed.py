@@ -72,6 +72,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = GeneCompassModel(config).eval()
         run = LoadedRun(
+            reference=reference,
             model=model,
             medians=medians,
             top_k=2048,

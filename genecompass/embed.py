@@ -91,7 +91,7 @@ class TokenStream:
             path = Path(self._tmpdir.name) / "input.h5ad"
             data.write_h5ad(path)
             data = path
-        self.reference = reference or load_reference()
+        self.reference = reference or getattr(run, "reference", None) or load_reference()
         check_run_reference(run, self.reference)
         norm = run.normalisation
         self.options = TokenizeOptions(

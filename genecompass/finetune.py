@@ -718,7 +718,6 @@ def finetune_gene_class(
 
     from .corpus import Corpus, check_output_path
     from .model import IGNORE_INDEX, GeneCompassForGeneClassification
-    from .reference import load_reference
     from .run import LoadedRun, load_run
 
     out = Path(out)
@@ -730,7 +729,7 @@ def finetune_gene_class(
     if not isinstance(run, LoadedRun):
         run = load_run(run)
     started = time.perf_counter()
-    reference = load_reference()
+    reference = run.reference
     gene_labels = read_gene_labels(labels, negatives=negatives, reference=reference)
     corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus)
     check_corpus_reference(run, corpus)

@@ -38,6 +38,7 @@ from transformers.utils import ModelOutput
 from .errors import FormatError, InputError, ReferenceMismatchError
 from .knowledge import KNOWLEDGE_TABLES, MANIFEST_NAME, load_knowledge
 
+KNOWLEDGE_BESIDE_WEIGHTS = "knowledge"
 IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch's cross-entropy default)
 VALUE_ENCODINGS = ("mlp", "scalar")
 CELL_EMBEDDINGS = ("species", "mean")
@@ -483,6 +484,9 @@ class GeneCompassPreTrainedModel(PreTrainedModel):
         the reference hash and that each table is byte-identical to the one used at training time."""
         if not self.config.knowledge_tables:
             return
+        beside = Path(getattr(self, "name_or_path", "") or ".") / KNOWLEDGE_BESIDE_WEIGHTS
+        if knowledge_dir is None and self.config.knowledge_dir is None and (beside / MANIFEST_NAME).is_file():
+            knowledge_dir = beside  # an imported run keeps its checkpoint's tables beside the weights
         directory = knowledge_dir or self.config.knowledge_dir
         if directory is None:
             raise FormatError(

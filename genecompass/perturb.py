@@ -510,10 +510,10 @@ def prepare(
     """Select source cells (seeded sample of at most ``max_cells``), embed them, and compute the source and
     target state embeddings (mean over each state's cells, at most ``max_cells`` per state)."""
     from .corpus import Corpus
-    from .reference import load_reference
+    from .run import model_reference
 
     corpus = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
-    reference = reference or load_reference()
+    reference = reference or model_reference(model)
     if not targets:
         raise InputError("give at least one target state (--target VALUE)")
     labels = corpus.obs_labels(cells_key)
@@ -638,10 +638,10 @@ def run_perturbation(
     with ``gene_effects`` (deletions) ``gene_effects.parquet`` (+ a target-vs-rest test in the summary).
     Returns the summary."""
     from .corpus import Corpus
-    from .reference import load_reference
+    from .run import model_reference
 
     corpus = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
-    reference = load_reference()
+    reference = model_reference(model)
     species = list(corpus.attrs.get("species", []))
     groups = [resolve_genes(names, reference, species) for names in gene_groups]  # fail fast on a typo
     out_dir = Path(out_dir)
@@ -967,10 +967,10 @@ def screen(
     if settings.mode not in ("overexpress", "knockdown"):
         raise InputError(f"screen mode {settings.mode!r} is not overexpress or knockdown")
     from .corpus import Corpus
-    from .reference import load_reference
+    from .run import model_reference
 
     corpus = corpus if isinstance(corpus, Corpus) else Corpus.open(corpus)
-    reference = load_reference()
+    reference = model_reference(model)
     named, unknown = None, []
     if genes is not None:  # resolve before any model work
         tokens, unknown = resolve_gene_list(

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 RUN_INFO = "gc_run.json"
 MEDIANS_FILE = "medians.tsv"
+RUN_REFERENCE = "reference"  # an imported run's own gene reference bundle (its checkpoint's vocabulary)
 FORMAT_NAME = "gc-run"
 FORMAT_VERSION = 1
 
@@ -77,6 +78,7 @@ class LoadedRun:
     """A model with its normaliser. ``model`` is a ``GeneCompassModel`` (encoder only) unless ``load_run``
     was given another class; ``max_length`` counts the species token."""
 
+    reference: Any  # the GeneReference whose token ids the model speaks
     model: Any
     medians: Medians
     top_k: int
@@ -120,6 +122,35 @@ def read_run_info(model_dir: Path) -> dict:
     return info
 
 
+def run_reference(path: str | Path):
+    """The gene reference a run's token ids belong to: its own bundle (an imported checkpoint's
+    vocabulary) or, for runs gc pre-trained, the installed one. Torch-free."""
+    from .reference import load_reference
+
+    model_dir = model_dir_of(path)
+    own = model_dir / RUN_REFERENCE
+    return load_reference(own) if (own / "manifest.json").is_file() else load_reference()
+
+
+def model_reference(model):
+    """The gene reference of a loaded model: the installed one, or the bundle saved beside its weights."""
+    from .reference import load_reference
+
+    installed = load_reference()
+    wanted = model.config.reference_hash
+    if wanted in ("", installed.hash):
+        return installed
+    own = Path(getattr(model, "name_or_path", "") or ".") / RUN_REFERENCE
+    if (own / "manifest.json").is_file():
+        reference = load_reference(own)
+        if reference.hash == wanted:
+            return reference
+    raise ReferenceMismatchError(
+        f"{getattr(model, 'name_or_path', 'the model')}: the model speaks gene reference {wanted}, which is "
+        f"neither the installed one ({installed.hash}) nor a bundle beside its weights"
+    )
+
+
 @contextlib.contextmanager
 def quiet_transformers():
     """Silence transformers' load report (e.g. pre-training heads unused by an encoder) and progress bars."""
@@ -154,17 +185,21 @@ def load_run(
 
     model_dir = model_dir_of(path)
     info = read_run_info(model_dir)
+    if reference is None:
+        reference = run_reference(model_dir)
     if check_reference:
-        if reference is None:
-            from .reference import load_reference
-
-            reference = load_reference()
         if info["reference_hash"] != reference.hash:
             raise ReferenceMismatchError(
                 f"{model_dir}: the model was trained on gene reference {info['reference_hash']}, but the "
                 f"installed reference is {reference.hash}; token ids would not mean the same genes. Use the "
                 "gc version the model was trained with, or re-train on a corpus tokenised with this one"
             )
+    if info.get("medians_hash") is None:
+        raise FormatError(
+            f"{model_dir}: the run has no gene medians (imported without --medians); compute them on your "
+            f"data with `gc corpus medians FILES --model {path} --out medians.tsv` and import again with "
+            "--medians medians.tsv"
+        )
     if not (model_dir / MEDIANS_FILE).is_file():
         raise FormatError(f"{model_dir}: missing {MEDIANS_FILE} (the medians the training corpus used)")
     medians = Medians.load(model_dir / MEDIANS_FILE)
@@ -184,6 +219,7 @@ def load_run(
     limit = model.config.max_sequence_length
     max_length = min(int(info.get("max_length") or limit), limit)
     return LoadedRun(
+        reference=reference,
         model=model,
         medians=medians,
         top_k=int(info["top_k"]),
