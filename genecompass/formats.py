@@ -350,7 +350,7 @@ def check_state_dict(source: Path, state: dict[str, Any], checkpoint: OriginalCh
         if tuple(state[key].shape) != shape:
             raise FormatError(f"{source}: {key} has shape {tuple(state[key].shape)}, expected {shape}")
     for alias, target in _ALIASES.items():
-        if alias in state and not bool((state[alias] == state[target]).all()):
+        if alias in state and not state[alias].is_meta and not bool((state[alias] == state[target]).all()):
             raise FormatError(f"{source}: {alias} differs from {target}; they are tied in GeneCompass")
     return dims
 
@@ -502,7 +502,8 @@ def convert_state_dict(state: dict[str, Any], checkpoint: OriginalCheckpoint, di
     if dims:
         index = state["bert.embeddings.homologous_index"].long()
         V = checkpoint.vocab_size
-        out["genecompass.embeddings.homologous_index"] = torch.cat([index, torch.arange(V, V + 2)])
+        species_rows = torch.arange(V, V + 2, device=index.device)  # the species tokens map to themselves
+        out["genecompass.embeddings.homologous_index"] = torch.cat([index, species_rows])
     return {k: v.detach().clone().float() if v.is_floating_point() else v.clone() for k, v in out.items()}
 
 
