@@ -6,6 +6,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from genecompass import __version__
 from genecompass.errors import GcError
@@ -53,15 +54,45 @@ for module in COMMAND_GROUPS:
     module.register(app)
 
 
+#: Modules of the ``train`` extra (pyproject.toml): a command that needs one says which extra to install.
+TRAIN_EXTRA_MODULES = frozenset(
+    {"torch", "transformers", "deepspeed", "safetensors", "sklearn", "umap", "accelerate"}
+)
+TRAIN_EXTRA_HINT = "pip install 'genecompass-gc[train]'"
+
+
+def _command_name(argv: list[str]) -> str:
+    """``gc GROUP COMMAND`` as the user called it (options and data paths left out)."""
+    words, group = ["gc"], typer.main.get_command(app)
+    for word in argv:
+        commands = getattr(group, "commands", None)
+        if commands is None or word not in commands:
+            break
+        words.append(word)
+        group = commands[word]
+    return " ".join(words)
+
+
 def main() -> None:
-    """Entry point: the project's own errors become one line on stderr and exit code 1
-    (``GC_DEBUG=1`` shows the traceback)."""
+    """Entry point: the project's own errors become one line on stderr and exit code 1, as does a command
+    that needs the ``train`` extra where it is not installed (``GC_DEBUG=1`` shows the traceback)."""
     try:
         app()
     except GcError as exc:
         if os.environ.get("GC_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except ImportError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if os.environ.get("GC_DEBUG") or missing not in TRAIN_EXTRA_MODULES:
+            raise
+        err_console.print(
+            f"[bold red]error:[/] `{_command_name(sys.argv[1:])}` needs the model stack of the train extra "
+            f"({missing} is not installed): {escape(TRAIN_EXTRA_HINT)}",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(1)
 
 

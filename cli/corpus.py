@@ -11,8 +11,10 @@ from .console import (
     JsonOption,
     OverwriteOption,
     SpeciesOption,
+    TransposeOption,
     console,
     existing_paths,
+    input_layer,
     print_json,
     progress_bar,
 )
@@ -64,20 +66,29 @@ def validate(
 
 @corpus_app.command("merge")
 def merge(
-    parts: list[Path] = typer.Argument(..., help="Corpora to concatenate, in order (e.g. shard outputs)."),
+    parts: list[Path] = typer.Argument(
+        ..., metavar="CORPORA...", help="Corpora to concatenate, in order (e.g. shard outputs)."
+    ),
     out: Path = typer.Option(..., "--out", help="The merged corpus."),
     overwrite: bool = OverwriteOption,
+    as_json: bool = JsonOption,
 ) -> None:
     """Concatenate corpora made with the same reference, medians, normalisation and top-k.
 
     Example: gc corpus merge shards/part-0.zarr shards/part-1.zarr --out corpus.zarr
     """
-    from genecompass.corpus import merge_corpora
+    from genecompass.corpus import Corpus, merge_corpora
 
     existing_paths(parts)
     with progress_bar("merge") as progress:
         merge_corpora(parts, out, overwrite=overwrite, progress=progress)
-    console.print(f"wrote {out}")
+    summary = Corpus(out).info()
+    if as_json:
+        print_json({**summary, "parts": [str(p) for p in parts]})
+        return
+    console.print(
+        f"wrote {out}: {summary['n_cells']:,} cells, {summary['n_tokens']:,} tokens from {len(parts)} parts"
+    )
 
 
 @corpus_app.command("medians")
@@ -89,6 +100,7 @@ def medians(
     qc_from: Path | None = typer.Option(None, "--qc-from", help="Only cells passing a `gc qc` output."),
     species: str | None = SpeciesOption,
     allow_non_integer: bool = typer.Option(False, "--allow-non-integer", help="Accept non-integer counts."),
+    transpose: bool | None = TransposeOption,
     overwrite: bool = OverwriteOption,
 ) -> None:
     """Compute per-gene non-zero medians of normalised expression in one streaming pass, to share across
@@ -104,7 +116,10 @@ def medians(
     existing_paths(inputs)
     check_output_path(out, overwrite)
     options = TokenizeOptions(
-        library_size=not no_library_size, species=species, allow_non_integer=allow_non_integer
+        library_size=not no_library_size,
+        species=species,
+        allow_non_integer=allow_non_integer,
+        layer=input_layer(None, transpose),
     )
     with progress_bar("medians") as progress:
         result = compute_medians(

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from .console import JsonOption, OverwriteOption, console, existing_paths, print_json, progress_bar
+from . import checks
+from .console import JsonOption, OverwriteOption, console, print_json, progress_bar
 
 
 def embed(
@@ -59,9 +60,12 @@ def embed(
     from genecompass.embed import embed_to_zarr, is_zarr_path, plot_embedding
     from genecompass.errors import InputError
 
-    existing_paths([data, model])
+    # Everything a user can get wrong is checked before the model stack (torch) is imported.
     if pool not in ("species", "mean"):
         raise InputError(f"--pool must be species or mean, not {pool!r}")
+    checks.trained_run(model)
+    checks.count_file(data, obs_keys=[plot])
+    checks.output(out, overwrite)
     streamed = is_zarr_path(out)
     with progress_bar("embed") as update:
         arguments = dict(

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import typer
 
-from .console import JsonOption, OverwriteOption, console, err_console, existing_paths, print_json
+from . import checks
+from .console import (
+    JsonOption,
+    OverwriteOption,
+    console,
+    err_console,
+    existing_paths,
+    positional,
+    print_json,
+)
 
 finetune_app = typer.Typer(
     help="Fine-tune a pre-trained GeneCompass run on a labelled task.", no_args_is_help=True
@@ -24,8 +33,11 @@ MaxLengthOption = typer.Option(
 
 @finetune_app.command("celltype")
 def celltype(
+    train: Path | None = typer.Argument(
+        None, metavar="DATA", help="Raw counts with a label column in obs (.h5ad, 10x, .zarr, .loom, CSV)."
+    ),
+    train_option: Path | None = typer.Option(None, "--train", hidden=True, help="Old spelling of DATA."),
     model: Path = typer.Option(..., "--model", help="A run directory from `gc pretrain` (or its model/)."),
-    train: Path = typer.Option(..., "--train", help="Raw counts with a label column in obs (.h5ad, ...)."),
     label_key: str = typer.Option(..., "--label-key", help="The obs column holding the cell types."),
     out: Path = typer.Option(..., "--out", help="Output directory: metrics.json, confusion matrix, model/."),
     test_key: str | None = typer.Option(None, "--test-key", help="Hold out cells by this obs column ..."),
@@ -49,11 +61,20 @@ def celltype(
     """Fine-tune a cell-type classifier (head on the species-token output); keep the best epoch by
     validation macro-F1 and report test macro-F1 and accuracy beside the majority-class rate.
 
-    Example: gc finetune celltype --model runs/tiny --train data/pbmc3k.h5ad --label-key cell_type --out ft/
+    Example: gc finetune celltype data/pbmc3k.h5ad --model runs/tiny --label-key cell_type --out ft/
     """
+    from genecompass.errors import InputError
     from genecompass.finetune import FinetuneOptions, finetune_celltype
 
-    existing_paths([model, train])
+    # Everything a user can get wrong is checked before the model stack (torch) is imported.
+    train = positional(train, train_option, "DATA", "--train")
+    if test_key is not None and test_value is None:
+        raise InputError("--test-key needs --test-value (the obs value whose cells are held out)")
+    if test_key is None:
+        checks.fraction(test_fraction, "--test-fraction")
+    checks.trained_run(model)
+    checks.count_file(train, obs_keys=[label_key, test_key])
+    checks.output(out, overwrite)
     options = FinetuneOptions(
         epochs=epochs,
         lr=lr,
@@ -94,10 +115,11 @@ def celltype(
 
 @finetune_app.command("gene-class")
 def gene_class(
-    model: Path = typer.Option(..., "--model", help="A run directory from `gc pretrain` (or its model/)."),
-    corpus: Path = typer.Option(
-        ..., "--corpus", help="A tokenised corpus (`gc tokenize`) whose cells are used."
+    corpus: Path | None = typer.Argument(
+        None, metavar="CORPUS", help="A tokenised corpus (`gc tokenize`) whose cells are used."
     ),
+    corpus_option: Path | None = typer.Option(None, "--corpus", hidden=True, help="Old spelling of CORPUS."),
+    model: Path = typer.Option(..., "--model", help="A run directory from `gc pretrain` (or its model/)."),
     labels: Path = typer.Option(
         ...,
         "--labels",
@@ -130,15 +152,21 @@ def gene_class(
     """Classify genes (e.g. dosage-sensitive vs not, TF vs other) with a token-level head on the pre-trained
     encoder, by k-fold cross-validation split by gene: ROC AUC per fold, out-of-fold score per gene.
 
-    Example: gc finetune gene-class --model runs/tiny --corpus pbmc3k.zarr --labels tfs.txt
+    Example: gc finetune gene-class pbmc3k.zarr --model runs/tiny --labels tfs.txt
     --negatives rest-expressed --folds 5 --out tf_vs_rest/
 
     (tfs.txt: one gene per line, e.g. the Lambert 2018 human TFs from `python scripts/fetch_tf_list.py`.
     A labelled file instead: lines like 'TP53<TAB>1' and 'ACTB<TAB>0', with the default --negatives labels.)
     """
-    from genecompass.finetune import FinetuneOptions, finetune_gene_class
+    from genecompass.finetune import FinetuneOptions, finetune_gene_class, read_gene_labels
 
-    existing_paths([model, corpus, labels])
+    # Everything a user can get wrong is checked before the model stack (torch) is imported.
+    corpus = positional(corpus, corpus_option, "CORPUS", "--corpus")
+    checks.corpus(corpus, same_reference=True)
+    checks.trained_run(model)
+    existing_paths([labels])
+    read_gene_labels(labels, negatives=negatives)
+    checks.output(out, overwrite)
     options = FinetuneOptions(
         epochs=epochs,
         lr=lr,
@@ -195,7 +223,10 @@ def predict(
     """
     from genecompass.finetune import predict as run_predict
 
-    existing_paths([data, model])
+    # Everything a user can get wrong is checked before the model stack (torch) is imported.
+    checks.classifier(model)
+    checks.count_file(data)
+    checks.output(out, overwrite)
     result = run_predict(data, model, batch_size=batch_size, out=out, overwrite=overwrite)
     key = f"predicted_{result.uns['genecompass_predict']['label_key']}"
     counts = result.obs[key].value_counts()

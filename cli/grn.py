@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from .console import JsonOption, console, existing_paths, print_json, progress_bar, warn_unknown
+from . import checks
+from .console import (
+    JsonOption,
+    console,
+    existing_paths,
+    one_of,
+    positional,
+    print_json,
+    progress_bar,
+    warn_unknown,
+)
 
 grn_app = typer.Typer(help="Gene regulatory networks from gene embeddings.", no_args_is_help=True)
 
@@ -23,7 +33,10 @@ def infer(
     threshold: float | None = typer.Option(
         None, "--threshold", help="Keep pairs with cosine ≥ this (default 0.4)."
     ),
-    top_k: int | None = typer.Option(None, "--top-k", min=1, help="Keep each gene's k most similar genes."),
+    neighbours: int | None = typer.Option(
+        None, "--neighbours", min=1, help="Keep each gene's N most similar genes."
+    ),
+    top_k: int | None = typer.Option(None, "--top-k", min=1, hidden=True, help="Old name of --neighbours."),
     all_pairs: bool = typer.Option(
         False, "--all-pairs", help="Write every pair (small gene sets; for eval)."
     ),
@@ -51,16 +64,19 @@ def infer(
     """Infer a GRN: cosine between gene embeddings averaged by gene across cells.
 
     Example: gc grn infer --model runs/tiny pbmc3k.zarr --out edges.tsv --threshold 0.4
+
+    Example (each gene's 10 nearest genes): gc grn infer --model runs/tiny pbmc3k.zarr --out knn.tsv
+    --neighbours 10
     """
     from genecompass.errors import InputError
     from genecompass.grn import gene_embeddings, infer_edges, write_edges
     from genecompass.perturb import load_model, read_gene_file, resolve_gene_list
-    from genecompass.reference import load_reference
 
-    existing_paths([model, corpus])
+    # Everything a user can get wrong is checked before the model stack (torch) is imported.
+    top_k = one_of(neighbours, top_k, "--neighbours", "--top-k")
     if sum([threshold is not None, top_k is not None, all_pairs]) > 1:
-        raise InputError("give at most one of --threshold, --top-k, --all-pairs")
-    reference = load_reference()
+        raise InputError("give at most one of --threshold, --neighbours, --all-pairs")
+    reference = checks.model(model)  # the gene reference the model's token ids belong to
     gene_tokens = tf_tokens = None
     if genes:
         gene_tokens, unknown = resolve_gene_list(read_gene_file(genes), reference, source=str(genes))
@@ -68,6 +84,8 @@ def infer(
     if tfs:
         tf_tokens, unknown = resolve_gene_list(read_gene_file(tfs), reference, source=str(tfs))
         warn_unknown(unknown, tfs)
+    checks.knowledge(knowledge, reference=reference)
+    checks.corpus(corpus)
     encoder = load_model(model, knowledge_dir=knowledge)
     with progress_bar("gene embeddings") as update:
         tokens, embeddings, _ = gene_embeddings(
@@ -104,7 +122,8 @@ def infer(
 
 @grn_app.command("eval")
 def evaluate(
-    edges: Path = typer.Option(..., "--edges", help="Edge list from `gc grn infer`."),
+    edges: Path | None = typer.Argument(None, metavar="EDGES", help="Edge list from `gc grn infer`."),
+    edges_option: Path | None = typer.Option(None, "--edges", hidden=True, help="Old spelling of EDGES."),
     reference: Path = typer.Option(
         ..., "--reference", help="Reference edges (TSV with tf_token, target_token), e.g. grn_holdout.tsv."
     ),
@@ -116,13 +135,14 @@ def evaluate(
 ) -> None:
     """Score inferred edges against held-out reference edges: AUPRC and early precision vs random.
 
-    Example: gc grn eval --edges edges.tsv --reference knowledge/grn_holdout.tsv --exclude
-    knowledge/grn_train.tsv --json
+    Example: gc grn eval edges.tsv --reference knowledge/grn_holdout.tsv --exclude knowledge/grn_train.tsv
+    --json
     """
     import json
 
     from genecompass.grn import evaluate as run_eval
 
+    edges = positional(edges, edges_option, "EDGES", "--edges")
     existing_paths([edges, reference] + ([exclude] if exclude else []))
     metrics = run_eval(edges, reference, exclude)
     if out is not None:

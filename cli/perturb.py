@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
+from . import checks
 from .console import JsonOption, console, existing_paths, print_json, progress_bar, warn_unknown
 
 
@@ -48,6 +49,21 @@ MaxLengthOption = typer.Option(
 KnowledgeOption = typer.Option(
     None, "--knowledge", help="Knowledge directory the model was trained with (default: the recorded one)."
 )
+LevelOption = typer.Option(
+    "cell-max",
+    "--level",
+    help="Overexpression level: corpus-median, cell-max (the cell's highest value), a value, or fold:F.",
+)
+FractionOption = typer.Option(
+    0.5,
+    "--fraction",
+    min=0.0,
+    max=1.0,
+    help="Knock-down: the fraction of the gene's value kept (0 removes the gene).",
+)
+NRandomOption = typer.Option(
+    20, "--n-random", min=1, help="Random control genes, perturbed the same way: the null."
+)
 AnyRankOption = typer.Option(
     False,
     "--any-rank",
@@ -65,7 +81,7 @@ def _targets(spec: str) -> list[str]:
     return targets
 
 
-@perturb_app.command("run", hidden=True)
+@perturb_app.command("run")
 def run(
     model: Path = ModelOption,
     corpus: Path = CorpusArgument,
@@ -75,19 +91,15 @@ def run(
     overexpress: str | None = typer.Option(
         None, "--overexpress", help="Genes (symbol or Ensembl ID), comma-separated; A+B = a combination."
     ),
-    level: str = typer.Option(
-        "cell-max", "--level", help="Overexpression level: corpus-median, cell-max, a value, or fold:F."
-    ),
+    level: str = LevelOption,
     knockdown: str | None = typer.Option(None, "--knockdown", help="Genes to knock down (as --overexpress)."),
-    fraction: float = typer.Option(
-        0.5, "--fraction", min=0.0, max=1.0, help="Knock-down fraction (0 removes)."
-    ),
+    fraction: float = FractionOption,
     delete: str | None = typer.Option(None, "--delete", help="Genes to delete (as --overexpress)."),
     any_rank: bool = AnyRankOption,
     cells_key: str = CellsKeyOption,
     source: str = SourceOption,
     target: str = TargetOption,
-    n_random: int = typer.Option(20, "--n-random", min=0, help="Random control genes (same dose)."),
+    n_random: int = NRandomOption,
     seed: int = SeedOption,
     max_cells: int | None = MaxCellsOption,
     gene_effects: bool = typer.Option(
@@ -107,10 +119,10 @@ def run(
     Example: gc perturb run --model runs/tiny pbmc3k.zarr --delete CEBPB --gene-effects --source 'CD14 Monocytes' --target 'FCGR3A Monocytes' --out del/ (`run` may be omitted)
     """  # noqa: E501
     from genecompass.errors import InputError
-    from genecompass.perturb import Level, Perturbation, load_model, parse_gene_groups, read_gene_file
+    from genecompass.perturb import Level, Perturbation, load_model, parse_gene_groups
     from genecompass.perturb import run_perturbation as run_library
 
-    existing_paths([model, corpus])
+    # Everything a user can get wrong is checked before the model stack (torch) is imported.
     given = {"overexpress": overexpress, "knockdown": knockdown, "delete": delete}
     chosen = [(mode, spec) for mode, spec in given.items() if spec]
     if len(chosen) != 1:
@@ -118,6 +130,8 @@ def run(
     mode, spec = chosen[0]
     if gene_effects and mode != "delete":
         raise InputError("--gene-effects applies to --delete")
+    if targets_file is not None and not gene_effects:
+        raise InputError("--targets applies to --gene-effects")
     perturbation = Perturbation(
         mode,
         (0,),
@@ -125,7 +139,12 @@ def run(
         fraction=fraction if mode == "knockdown" else 0.0,
         top_fraction=None if any_rank else 0.5,
     )
-    effect_targets = read_gene_file(targets_file) if targets_file else None
+    targets = _targets(target)
+    reference = checks.model(model)
+    checks.genes(spec, f"--{mode}", reference)
+    checks.knowledge(knowledge, reference=reference)
+    checks.corpus(corpus, cells_key=cells_key, states=[source, *targets])
+    effect_targets = checks.gene_file(targets_file, reference)
     encoder = load_model(model, knowledge_dir=knowledge)
     with progress_bar("perturb", unit="perturbations") as update:
         summary = run_library(
@@ -136,7 +155,7 @@ def run(
             gene_groups=parse_gene_groups(spec),
             cells_key=cells_key,
             source=source,
-            targets=_targets(target),
+            targets=targets,
             n_random=n_random,
             seed=seed,
             max_cells=max_cells,
@@ -169,11 +188,11 @@ def screen(
         "all", "--genes", help="all (genes expressed in ≥10 % of source cells) or a FILE."
     ),
     mode: str = typer.Option("overexpress", "--mode", help="overexpress or knockdown."),
-    level: str = typer.Option("cell-max", "--level", help="Overexpression level (as gc perturb)."),
-    fraction: float = typer.Option(0.0, "--fraction", min=0.0, max=1.0, help="Knock-down fraction."),
+    level: str = LevelOption,
+    fraction: float = FractionOption,
     any_rank: bool = AnyRankOption,
     cells_key: str = CellsKeyOption,
-    n_random: int = typer.Option(20, "--n-random", min=1, help="Random genes for the null."),
+    n_random: int = NRandomOption,
     max_cells: int | None = typer.Option(200, "--max-cells", min=1, help="Source cells perturbed (seeded)."),
     shard: str | None = typer.Option(None, "--shard", help="i/n: this process screens candidates i, i+n, …"),
     batch_genes: int = typer.Option(16, "--batch-genes", min=1, help="Genes per result file (resume unit)."),
@@ -187,11 +206,21 @@ def screen(
 
     Example: gc perturb screen --model runs/tiny pbmc3k.zarr --source 'CD14 Monocytes' --target 'FCGR3A Monocytes' --genes all --out screen/
     """  # noqa: E501
-    from genecompass.perturb import ScreenSettings, load_model, parse_shard, read_gene_file
+    from genecompass.errors import InputError
+    from genecompass.perturb import Level, ScreenSettings, load_model, parse_shard
     from genecompass.perturb import screen as run_screen
 
-    existing_paths([model, corpus])
-    names = None if genes == "all" else read_gene_file(Path(genes))
+    # Everything a user can get wrong is checked before the model stack (torch) is imported.
+    if mode not in ("overexpress", "knockdown"):
+        raise InputError(f"--mode must be overexpress or knockdown, not {mode!r}")
+    if mode == "overexpress":
+        Level.parse(level)
+    parse_shard(shard)
+    targets = _targets(target)
+    reference = checks.model(model)
+    names = None if genes == "all" else checks.gene_file(Path(genes), reference)
+    checks.knowledge(knowledge, reference=reference)
+    checks.corpus(corpus, cells_key=cells_key, states=[source, *targets])
     settings = ScreenSettings(
         mode=mode,
         level=level,
@@ -199,7 +228,7 @@ def screen(
         top_fraction=None if any_rank else 0.5,
         cells_key=cells_key,
         source=source,
-        targets=_targets(target),
+        targets=targets,
         n_random=n_random,
         max_cells=max_cells,
         seed=seed,

@@ -16,7 +16,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .console import JsonOption, OverwriteOption, console, err_console, existing_paths, print_json
+from . import checks
+from .console import (
+    JsonOption,
+    OverwriteOption,
+    console,
+    err_console,
+    positional,
+    print_json,
+)
 
 model_app = typer.Typer(help="Inspect GeneCompass model configurations.", no_args_is_help=True)
 
@@ -30,7 +38,10 @@ def _rank() -> int:
 
 
 def pretrain(
-    corpus: Path = typer.Option(..., "--corpus", help="The tokenised corpus (.zarr) from `gc tokenize`."),
+    corpus: Path | None = typer.Argument(
+        None, metavar="CORPUS", help="The tokenised corpus (.zarr) from `gc tokenize`."
+    ),
+    corpus_option: Path | None = typer.Option(None, "--corpus", hidden=True, help="Old spelling of CORPUS."),
     config: str = ConfigOption,
     out: Path = typer.Option(..., "--out", help="Run directory: checkpoints, logs, loss curve, final model."),
     knowledge: Path | None = typer.Option(
@@ -55,18 +66,31 @@ def pretrain(
     Runs as a single process without a launcher, or one process per GPU under torchrun, the deepspeed
     launcher or SLURM srun (rank 0 prints). A killed run continues with --resume.
 
-    Example: gc pretrain --corpus pbmc3k.zarr --config tiny --out runs/tiny --max-steps 200
+    Example: gc pretrain pbmc3k.zarr --config tiny --out runs/tiny --max-steps 200
 
-    Multi-GPU: torchrun --nproc_per_node 8 $(which gc) pretrain --corpus c.zarr --config small --out runs/s;
+    Multi-GPU: torchrun --nproc_per_node 8 $(which gc) pretrain c.zarr --config small --out runs/s;
     deepspeed --no_local_rank --num_gpus 8 $(which gc) pretrain ...; srun --ntasks-per-node 8 gc pretrain ...
     """
+    from genecompass.errors import InputError
     from genecompass.train import PretrainConfig
-    from genecompass.train import pretrain as run_pretraining
 
-    existing_paths([corpus] + ([knowledge] if knowledge is not None else []))
+    # Everything a user can get wrong is checked before the model stack (torch, DeepSpeed) is imported.
+    corpus = positional(corpus, corpus_option, "CORPUS", "--corpus")
+    checks.corpus(corpus, same_reference=True)
+    checks.knowledge(knowledge)
+    checks.training_output(out, resume=resume, overwrite=overwrite)
+    # PretrainConfig validates its model preset against genecompass.model, which imports torch: last.
     settings = PretrainConfig.load(
         config, max_steps=max_steps, seed=seed, zero_stage=zero_stage, max_tokens=max_tokens
     )
+    if knowledge is not None:
+        checks.knowledge(knowledge, settings.knowledge_tables)
+    elif settings.knowledge_tables:
+        raise InputError(
+            f"the config asks for knowledge tables {settings.knowledge_tables}; pass --knowledge DIR"
+        )
+    from genecompass.train import pretrain as run_pretraining
+
     is_main = _rank() == 0
     with Progress(
         TextColumn("[bold]pretrain"),
@@ -128,19 +152,17 @@ def info(
 
     Example: gc model info --config small --knowledge knowledge/
     """
-    import torch
-
-    from genecompass.knowledge import read_manifest
-    from genecompass.model import GeneCompassConfig, GeneCompassForPretraining, parameter_counts
     from genecompass.reference import load_reference
     from genecompass.train import PretrainConfig
 
     settings = PretrainConfig.load(config)
     reference = load_reference()
-    tables: dict[str, int] = {}
-    if knowledge is not None:
-        existing_paths([knowledge])
-        tables = {name: entry["dim"] for name, entry in read_manifest(knowledge)["tables"].items()}
+    manifest = checks.knowledge(knowledge)
+    tables = {name: entry["dim"] for name, entry in manifest["tables"].items()} if manifest else {}
+    import torch
+
+    from genecompass.model import GeneCompassConfig, GeneCompassForPretraining, parameter_counts
+
     model_config = GeneCompassConfig.from_preset(
         settings.model,
         vocab_size=reference.vocab_size,

@@ -11,15 +11,21 @@ from .console import (
     JsonOption,
     OverwriteOption,
     SpeciesOption,
+    TransposeOption,
     console,
     existing_paths,
+    input_layer,
     print_json,
     progress_bar,
 )
 
 
 def qc(
-    inputs: list[Path] = typer.Argument(..., help="Count files (h5ad, 10x .h5, 10x MTX dir, AnnData zarr)."),
+    inputs: list[Path] = typer.Argument(
+        ...,
+        metavar="FILES...",
+        help="Count files (h5ad, 10x .h5, 10x MTX dir, AnnData zarr, loom, CSV/TSV tables).",
+    ),
     out: Path = typer.Option(..., "--out", help="Output directory: qc.json, per-cell tables, qc.png."),
     mode: str = typer.Option(
         "paper",
@@ -41,6 +47,7 @@ def qc(
     ),
     species: str | None = SpeciesOption,
     layer: str | None = typer.Option(None, "--layer", help="Read counts from `raw` or layers/NAME."),
+    transpose: bool | None = TransposeOption,
     allow_non_integer: bool = typer.Option(False, "--allow-non-integer", help="Accept non-integer counts."),
     overwrite: bool = OverwriteOption,
     as_json: bool = JsonOption,
@@ -53,6 +60,7 @@ def qc(
     from genecompass.qc import QcParams, run_qc
 
     existing_paths(inputs)
+    layer = input_layer(layer, transpose)
     params = QcParams(
         mode=mode,
         min_genes=min_genes,

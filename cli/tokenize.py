@@ -11,15 +11,21 @@ from .console import (
     OverwriteOption,
     SpeciesOption,
     ThreadsOption,
+    TransposeOption,
     console,
     existing_paths,
+    input_layer,
     print_json,
     progress_bar,
 )
 
 
 def tokenize(
-    inputs: list[Path] = typer.Argument(..., help="Count files (h5ad, 10x .h5, 10x MTX dir, AnnData zarr)."),
+    inputs: list[Path] = typer.Argument(
+        ...,
+        metavar="FILES...",
+        help="Count files (h5ad, 10x .h5, 10x MTX dir, AnnData zarr, loom, CSV/TSV tables).",
+    ),
     out: Path = typer.Option(..., "--out", help="The corpus to write (a .zarr directory)."),
     top_k: int = typer.Option(
         2048, "--top-k", help="Genes kept per cell, highest normalised expression first."
@@ -48,6 +54,7 @@ def tokenize(
     ),
     species: str | None = SpeciesOption,
     layer: str | None = typer.Option(None, "--layer", help="Read counts from `raw` or layers/NAME."),
+    transpose: bool | None = TransposeOption,
     allow_non_integer: bool = typer.Option(False, "--allow-non-integer", help="Accept non-integer counts."),
     chunk_size: int = typer.Option(4096, "--chunk-size", help="Cells per chunk; bounds memory."),
     threads: int = ThreadsOption,
@@ -64,6 +71,7 @@ def tokenize(
     from genecompass.tokenize import tokenize as run_tokenize
 
     existing_paths(inputs)
+    layer = input_layer(layer, transpose)
     if qc and qc_from is not None:
         raise typer.BadParameter("give --qc or --qc-from, not both")
     options = TokenizeOptions(

@@ -43,7 +43,7 @@ def inspect_counts(
         ``n_genes_in_vocab``, ``frac_genes_in_vocab``, ``n_duplicate_genes``, ``integer_counts`` (True when
         every scanned value is a finite, non-negative integer), ``n_negative``, ``n_non_finite``,
         ``n_non_integer`` (finite non-integer values), ``nnz`` (stored non-zeros scanned),
-        ``n_cells_checked``, ``n_tokens_in_vocab`` (distinct tokens),
+        ``n_cells_checked``, ``n_tokens_in_vocab`` (distinct tokens), for CSV/TSV tables ``orientation``,
         ``median_counts_per_cell``, ``median_genes_per_cell``, ``mito_fraction_median`` (median over cells
         with any counts of mito counts / total; NaN when no cell has counts), ``obs_columns``,
         ``reference_hash``.
@@ -80,6 +80,7 @@ def inspect_counts(
         return {
             "path": str(src.path),
             "format": src.format,
+            **_orientation(src),
             "n_cells": src.n_cells,
             "n_genes": src.n_genes,
             "id_type": gmap.id_type,
@@ -100,3 +101,11 @@ def inspect_counts(
             "obs_columns": src.obs_columns(),
             "reference_hash": reference.hash,
         }
+
+
+def _orientation(src) -> dict[str, Any]:
+    """A text table's orientation (rows=cells or rows=genes) and whether it was detected or given."""
+    if not hasattr(src, "orientation"):
+        return {}
+    how = "detected from the gene names" if src.orientation_detected else "given"
+    return {"orientation": f"{src.orientation} ({how})"}

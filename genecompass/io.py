@@ -31,6 +31,15 @@ Formats (``CountSource.format``) and their limits:
     Loom via h5py: ``matrix`` (genes × cells, dense) is read in column slabs; gene ids from
     ``row_attrs/Accession`` (else ``row_attrs/Gene``), symbols from ``row_attrs/Gene``, obs from
     ``col_attrs``.
+``csv`` / ``tsv``
+    A dense count table as text (``.csv``, ``.tsv``, ``.tab``, ``.txt``, each optionally gzipped): a header
+    row, then one row per cell (cells × genes) or per gene (genes × cells), the first field naming the row.
+    The orientation is detected from which of the header and the first column holds gene names
+    (``CountSource.orientation``; ``layer="rows=cells"`` or ``layer="rows=genes"`` sets it instead, the CLI's
+    ``--no-transpose`` / ``--transpose``). Opening scans the file once (row names, field counts); cells ×
+    genes tables then stream in row blocks of about ``_DENSE_SLAB_BYTES``; genes × cells tables are
+    transposed once on disk (non-zeros bucketed by cell into a temporary directory, 12 bytes each) and
+    stream from there, so memory stays bounded either way. No obs columns.
 
 Chunks (:class:`CsrChunk`) never hold explicit zeros; their column indices refer to the source's genes
 (``var_names``), i.e. after non-expression features of a 10x file have been dropped.
@@ -58,6 +67,8 @@ __all__ = [
     "open_counts",
     "validate_counts",
     "strip_ensembl_version",
+    "TEXT_ROWS_ARE_CELLS",
+    "TEXT_ROWS_ARE_GENES",
 ]
 
 #: ``GeneMap.col_token`` value of a column whose gene is not in the vocabulary.
@@ -836,6 +847,259 @@ class _LoomSource(CountSource):
 
 
 # --------------------------------------------------------------------------------------------------------
+# CSV / TSV count tables
+
+#: ``layer`` values that set a text table's orientation (the CLI's ``--no-transpose`` / ``--transpose``).
+TEXT_ROWS_ARE_CELLS = "rows=cells"
+TEXT_ROWS_ARE_GENES = "rows=genes"
+_TEXT_SUFFIXES = (".csv", ".tsv", ".tab", ".txt")
+#: Cells per temporary bucket file when a genes × cells table is transposed on disk.
+_TEXT_BUCKET_CELLS = 4096
+#: Rows sampled from the first column to tell gene names from cell names.
+_ORIENTATION_SAMPLE = 2000
+_ENTRY = np.dtype([("cell", "<u4"), ("gene", "<u4"), ("value", "<f4")])
+
+
+def _is_text_table(name: str) -> bool:
+    name = name.lower()
+    return (name[:-3] if name.endswith(".gz") else name).endswith(_TEXT_SUFFIXES)
+
+
+def _unquote(field: str) -> str:
+    field = field.strip()
+    if len(field) >= 2 and field[0] == field[-1] and field[0] in "\"'":
+        return field[1:-1]
+    return field
+
+
+class _TextScan:
+    """One pass over a text table: separator, header fields, the first field of every row."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as fh:
+            self.gzipped = fh.read(2) == _GZIP_MAGIC
+        name = path.name.lower().removesuffix(".gz")
+        try:
+            with self.open() as fh:
+                header = fh.readline().decode("utf-8-sig").rstrip("\r\n")
+                if name.endswith((".tsv", ".tab")) or (not name.endswith(".csv") and "\t" in header):
+                    self.sep = "\t"
+                else:
+                    self.sep = ","
+                sep = self.sep.encode()
+                self.header = [_unquote(f) for f in header.split(self.sep)]
+                self.row_names: list[str] = []
+                n_fields = None
+                for number, line in enumerate(fh, start=2):
+                    line = line.rstrip(b"\r\n")
+                    if not line:
+                        continue
+                    fields = line.count(sep) + 1
+                    if n_fields is None:
+                        n_fields = fields
+                    elif fields != n_fields:
+                        raise InputError(
+                            f"{path}: line {number} has {fields} fields, line 2 has {n_fields}; every row "
+                            "needs the same number of values"
+                        )
+                    self.row_names.append(_unquote(line.split(sep, 1)[0].decode("utf-8", "replace")))
+        except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as e:
+            raise InputError(f"{path}: could not read the table ({type(e).__name__}: {e})") from e
+        if n_fields is None:
+            raise InputError(f"{path}: no data rows under the header")
+        if len(self.header) == n_fields - 1:  # R's write.table: no corner field above the row names
+            self.header = ["", *self.header]
+        if len(self.header) != n_fields or n_fields < 2:
+            raise InputError(
+                f"{path}: the header has {len(self.header)} fields but the rows have {n_fields}; expected a "
+                "header row (a corner field, then one name per column) and rows that start with their name"
+            )
+        self.column_names = self.header[1:]
+
+    def open(self):
+        return gzip.open(self.path, "rb") if self.gzipped else open(self.path, "rb")
+
+    def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 block of ``block_rows`` rows × the value columns), in order."""
+        n_cols = len(self.column_names)
+        try:
+            reader = pd.read_csv(
+                self.path,
+                sep=self.sep,
+                header=None,
+                skiprows=1,
+                usecols=range(1, n_cols + 1),
+                dtype=np.float32,
+                chunksize=block_rows,
+                compression="gzip" if self.gzipped else None,
+                skip_blank_lines=True,
+                engine="c",
+            )
+            row = 0
+            with reader:
+                for frame in reader:
+                    values = frame.to_numpy(np.float32)
+                    yield row, values
+                    row += len(values)
+        except (ValueError, pd.errors.ParserError) as e:
+            raise InputError(f"{self.path}: a value that is not a number ({e})") from e
+
+
+def _gene_likeness(names: Sequence[str], reference: Any) -> float:
+    """The fraction of ``names`` that are Ensembl ids or known human/mouse symbols or aliases."""
+    from .reference import SPECIES, load_reference
+
+    values = [str(n).strip() for n in names if str(n).strip()]
+    if not values:
+        return 0.0
+    if _looks_ensembl(values):
+        return 1.0
+    ref = reference if reference is not None else load_reference()
+    best = 0
+    for species in SPECIES:
+        symbols, aliases = ref._symbol_names[species], ref._alias_names[species]
+        best = max(best, sum(1 for v in values if v in symbols or v in aliases))
+    return best / len(values)
+
+
+class _TextRows:
+    """Cells × genes table rows read in order from a streaming parser (reopened to go back)."""
+
+    def __init__(self, scan: _TextScan, n_rows: int, n_cols: int):
+        self.scan, self.n_rows, self.n_cols = scan, n_rows, n_cols
+        self.block_rows = max(1, _DENSE_SLAB_BYTES // max(n_cols * 4, 1))
+        self._blocks: Iterator[tuple[int, np.ndarray]] | None = None
+        self._pending: tuple[int, np.ndarray] | None = None  # the block the next read starts in
+        self._next_row = 0  # first row of the parser's next block
+
+    def _next_block(self) -> tuple[int, np.ndarray]:
+        if self._pending is not None:
+            block, self._pending = self._pending, None
+            return block
+        assert self._blocks is not None
+        first, block = next(self._blocks)
+        self._next_row = first + len(block)
+        return first, block
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        available = self._pending[0] if self._pending is not None else self._next_row
+        if self._blocks is None or start < available:  # (re)start the parser at the top
+            self._blocks, self._pending, self._next_row = self.scan.blocks(self.block_rows), None, 0
+        parts = []
+        row = start
+        while row < stop:
+            first, block = self._next_block()
+            last = first + len(block)
+            if last <= row:  # wholly before the range
+                continue
+            take = block[row - first : min(stop, last) - first]
+            parts.append(_dense_to_csr(take))
+            row += len(take)
+            if last > stop:  # the rest of the block belongs to the next range
+                self._pending = (first, block)
+        if len(parts) == 1:
+            return parts[0]
+        offsets = np.cumsum([0] + [p[0][-1] for p in parts[:-1]])
+        indptr = np.concatenate(
+            [parts[0][0][:1]] + [p[0][1:] + o for p, o in zip(parts, offsets, strict=True)]
+        )
+        return indptr, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+
+class _TransposedTextRows:
+    """A genes × cells table read by cells: transposed once on disk, its non-zeros bucketed by cell."""
+
+    def __init__(self, scan: _TextScan, n_rows: int, n_cols: int):
+        self.scan, self.n_rows, self.n_cols = scan, n_rows, n_cols
+        self._dir: Any = None
+
+    def close(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def _bucket(self, b: int) -> Path:
+        return Path(self._dir.name) / f"{b}.bin"
+
+    def _transpose(self) -> None:
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="gc-transpose-")
+        n_buckets = -(-self.n_rows // _TEXT_BUCKET_CELLS)
+        for b in range(n_buckets):
+            self._bucket(b).touch()
+        block_rows = max(1, _DENSE_SLAB_BYTES // max(self.n_rows * 4, 1))  # a block: genes × all cells
+        for first_gene, block in self.scan.blocks(block_rows):
+            genes, cells = np.nonzero(block)  # NaN counts as non-zero: validate_counts reports it
+            entries = np.empty(len(cells), _ENTRY)
+            entries["cell"], entries["gene"] = cells, genes + first_gene
+            entries["value"] = block[genes, cells]
+            entries = entries[np.argsort(entries["cell"], kind="stable")]
+            bounds = np.searchsorted(
+                entries["cell"], np.arange(0, n_buckets + 1) * _TEXT_BUCKET_CELLS, side="left"
+            )
+            for b in np.flatnonzero(np.diff(bounds)):
+                with open(self._bucket(int(b)), "ab") as fh:
+                    entries[bounds[b] : bounds[b + 1]].tofile(fh)
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._dir is None:
+            self._transpose()
+        first, last = start // _TEXT_BUCKET_CELLS, (stop - 1) // _TEXT_BUCKET_CELLS
+        entries = np.concatenate(
+            [np.fromfile(self._bucket(b), _ENTRY) for b in range(first, last + 1)]
+        ) if stop > start else np.empty(0, _ENTRY)
+        entries = entries[(entries["cell"] >= start) & (entries["cell"] < stop)]
+        entries = entries[np.argsort(entries["cell"], kind="stable")]  # genes stay ascending per cell
+        counts = np.bincount(entries["cell"] - start, minlength=stop - start)
+        indptr = np.zeros(stop - start + 1, np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return indptr, entries["gene"].astype(np.uint32), entries["value"].astype(np.float32)
+
+
+class _TextTableSource(CountSource):
+    """A dense CSV/TSV count table, cells × genes or genes × cells (see the module docstring)."""
+
+    orientation: str  # TEXT_ROWS_ARE_CELLS or TEXT_ROWS_ARE_GENES
+    orientation_detected: bool
+
+    def __init__(self, path: Path, layer: str | None, reference: Any = None):
+        scan = _TextScan(path)
+        super().__init__(path, "tsv" if scan.sep == "\t" else "csv")
+        if layer is None:
+            header = _gene_likeness(scan.column_names, reference)
+            step = max(len(scan.row_names) // _ORIENTATION_SAMPLE, 1)
+            first_column = _gene_likeness(scan.row_names[::step], reference)
+            if max(header, first_column) < 0.2 or abs(header - first_column) < 0.1:
+                raise self._fail(
+                    f"cannot tell whether rows are cells or genes ({header:.0%} of the header and "
+                    f"{first_column:.0%} of the first column are known gene names); pass --no-transpose "
+                    "(rows are cells) or --transpose (rows are genes)"
+                )
+            layer = TEXT_ROWS_ARE_CELLS if header > first_column else TEXT_ROWS_ARE_GENES
+            self.orientation_detected = True
+        else:
+            self.orientation_detected = False
+        self.orientation = layer
+        if layer == TEXT_ROWS_ARE_CELLS:
+            self._cell_names, self.var_names = scan.row_names, scan.column_names
+            self._rows = _TextRows(scan, len(scan.row_names), len(scan.column_names))
+        else:
+            self._cell_names, self.var_names = scan.column_names, scan.row_names
+            rows = _TransposedTextRows(scan, len(scan.column_names), len(scan.row_names))
+            self._rows = rows
+            self._closers.append(rows.close)
+        self.gene_symbols = None
+        self.n_cells, self.n_genes = len(self._cell_names), len(self.var_names)
+        self._check_nonempty()
+
+    def obs_names(self) -> list[str]:
+        return list(self._cell_names)
+
+
+
+# --------------------------------------------------------------------------------------------------------
 # open_counts
 
 
@@ -849,14 +1113,20 @@ def _open_h5(path: Path) -> Any:
 
 
 def open_counts(path: str | Path, *, layer: str | None = None) -> CountSource:
-    """Open a count matrix (h5ad, 10x HDF5, 10x MTX directory, AnnData Zarr or loom) for streaming.
+    """Open a count matrix (h5ad, 10x HDF5, 10x MTX directory, AnnData Zarr, loom or a CSV/TSV table) for
+    streaming.
 
     ``layer``: h5ad/zarr ``"raw"`` (``raw/X``) or a ``layers/`` name; loom a ``layers/`` name; 10x v2 HDF5
-    a genome name. Raises :class:`~genecompass.errors.InputError` naming the file for anything it cannot use.
+    a genome name; a text table its orientation (``"rows=cells"`` or ``"rows=genes"``; default: detected).
+    Raises :class:`~genecompass.errors.InputError` naming the file for anything it cannot use.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
+    if layer in (TEXT_ROWS_ARE_CELLS, TEXT_ROWS_ARE_GENES) and not (
+        path.is_file() and _is_text_table(path.name)
+    ):
+        layer = None  # an orientation concerns text tables only (one setting may cover mixed inputs)
     if path.is_dir():
         if (path / "zarr.json").is_file() or (path / ".zgroup").is_file() or (path / ".zattrs").is_file():
             return _open_zarr(path, layer)
@@ -871,6 +1141,13 @@ def open_counts(path: str | Path, *, layer: str | None = None) -> CountSource:
     if name.endswith((".mtx", ".mtx.gz")):  # the matrix file of a 10x directory: open the directory
         _no_layer(path, layer, "10x MTX directory")
         return _MtxSource(path.parent)
+    if _is_text_table(name):
+        if layer not in (None, TEXT_ROWS_ARE_CELLS, TEXT_ROWS_ARE_GENES):
+            raise InputError(
+                f"{path}: layer={layer!r} is not meaningful for a text table; the orientation is "
+                f"{TEXT_ROWS_ARE_CELLS!r} or {TEXT_ROWS_ARE_GENES!r}"
+            )
+        return _TextTableSource(path, layer)
     with open(path, "rb") as fh:
         head = fh.read(8)
     if head[:2] == _GZIP_MAGIC:
@@ -880,7 +1157,7 @@ def open_counts(path: str | Path, *, layer: str | None = None) -> CountSource:
     if head != _HDF5_MAGIC and not name.endswith((".h5ad", ".h5", ".hdf5", ".loom")):
         raise InputError(
             f"{path}: unrecognised input; expected .h5ad, a 10x .h5 file or matrix directory, an AnnData "
-            ".zarr directory, or .loom"
+            ".zarr directory, .loom, or a CSV/TSV count table (.csv, .tsv, .txt, optionally .gz)"
         )
     f = _open_h5(path)
     try:
