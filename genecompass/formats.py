@@ -136,6 +136,16 @@ def read_plain_dict(path: str | Path, *, value_type: type, what: str) -> dict[st
 # Inputs, checked before torch is imported
 
 
+def _is_gc_medians(path: str | Path) -> bool:
+    from .medians import FORMAT_NAME
+
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(64).startswith(f"# format={FORMAT_NAME}".encode())
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read the medians ({exc.strerror})") from exc
+
+
 @dataclass
 class OriginalCheckpoint:
     """A published GeneCompass folder, its token dictionary and (optionally) its medians, checked."""
@@ -144,7 +154,7 @@ class OriginalCheckpoint:
     config: dict[str, Any]
     weights: Path
     token_dict: dict[str, int]
-    medians: dict[str, float] | None
+    medians: dict[str, float] | Path | None  # the original's pickle, or a gc medians file
     knowledge: list[str]  # original table names in use, in the original's concatenation order
 
     @property
@@ -212,7 +222,9 @@ def read_original(
             raise FormatError(f"{where}: token {key!r} is neither a human (ENSG…) nor a mouse (ENSMUSG…) "
                               "Ensembl gene ID; unknown species")
     medians = None
-    if medians_path is not None:
+    if medians_path is not None and _is_gc_medians(medians_path):
+        medians = Path(medians_path)  # `gc corpus medians --model RUN`: checked once the vocabulary is built
+    elif medians_path is not None:
         medians = read_plain_dict(medians_path, value_type=float, what="gene median dictionary")
         bad = [k for k, v in medians.items() if not (np.isfinite(v) and v > 0)]
         if bad:
@@ -603,7 +615,14 @@ def import_genecompass(
             },
         }
         n_missing = 0
-        if checkpoint.medians is not None:
+        if isinstance(checkpoint.medians, Path):
+            medians = Medians.load(checkpoint.medians)
+            medians.check_compatible(reference_hash=reference.hash, source=str(checkpoint.medians),
+                                     library_size=ORIGINAL_NORMALISATION["library_size"],
+                                     target_sum=ORIGINAL_NORMALISATION["target_sum"])
+            medians.save(model_dir / MEDIANS_FILE, reference)
+            info["medians_hash"] = medians.hash
+        elif checkpoint.medians is not None:
             values = np.full(V + 2, np.nan, np.float32)
             for gene, token in checkpoint.token_dict.items():
                 if not gene.startswith("<"):
@@ -630,6 +649,7 @@ def import_genecompass(
         "knowledge_tables": config.knowledge_tables,
         "reference_hash": reference.hash,
         "medians": "none (see `gc corpus medians`)" if checkpoint.medians is None
+        else str(checkpoint.medians) if isinstance(checkpoint.medians, Path)
         else f"{len(checkpoint.medians):,} genes; {n_missing:,} vocabulary genes without one use 1",
     }
 

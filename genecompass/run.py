@@ -132,6 +132,31 @@ def run_reference(path: str | Path):
     return load_reference(own) if (own / "manifest.json").is_file() else load_reference()
 
 
+@dataclass
+class RunTokenisation:
+    """How a run tokenises cells: its gene reference, medians (None: the run has none yet), normalisation
+    and top-k. Read without torch, for `gc tokenize --model` and `gc corpus medians --model`."""
+
+    reference: Any
+    medians: Path | None
+    library_size: bool
+    target_sum: float
+    top_k: int
+
+
+def run_tokenisation(path: str | Path) -> RunTokenisation:
+    model_dir = model_dir_of(path)
+    info = read_run_info(model_dir)
+    norm = info.get("normalisation", {})
+    return RunTokenisation(
+        reference=run_reference(model_dir),
+        medians=model_dir / MEDIANS_FILE if info.get("medians_hash") else None,
+        library_size=bool(norm.get("library_size", True)),
+        target_sum=float(norm.get("target_sum", 1e4)),
+        top_k=int(info["top_k"]),
+    )
+
+
 def model_reference(model):
     """The gene reference of a loaded model: the installed one, or the bundle saved beside its weights."""
     from .reference import load_reference
