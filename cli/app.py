@@ -11,7 +11,21 @@ from rich.markup import escape
 from genecompass import __version__
 from genecompass.errors import GcError
 
-from . import bench, corpus, data, embed, finetune, grn, knowledge, perturb, pretrain, qc, reference, tokenize
+from . import (
+    bench,
+    corpus,
+    data,
+    embed,
+    finetune,
+    grn,
+    knowledge,
+    model,
+    perturb,
+    pretrain,
+    qc,
+    reference,
+    tokenize,
+)
 from .console import err_console
 
 app = typer.Typer(
@@ -48,7 +62,7 @@ def _root(
 
 # In the order `gc --help` lists them: the pipeline's stages first.
 COMMAND_GROUPS = (
-    reference, data, qc, tokenize, corpus, knowledge, pretrain, embed, finetune, perturb, grn, bench,
+    reference, data, qc, tokenize, corpus, knowledge, pretrain, model, embed, finetune, perturb, grn, bench,
 )
 for module in COMMAND_GROUPS:
     module.register(app)

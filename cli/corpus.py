@@ -101,6 +101,10 @@ def medians(
     species: str | None = SpeciesOption,
     allow_non_integer: bool = typer.Option(False, "--allow-non-integer", help="Accept non-integer counts."),
     transpose: bool | None = TransposeOption,
+    model: Path | None = typer.Option(
+        None, "--model", metavar="RUN", help="For this run's vocabulary and normalisation (e.g. an imported "
+        "checkpoint without medians; pass the result to `gc model import genecompass --medians`)."
+    ),
     overwrite: bool = OverwriteOption,
 ) -> None:
     """Compute per-gene non-zero medians of normalised expression in one streaming pass, to share across
@@ -115,8 +119,16 @@ def medians(
 
     existing_paths(inputs)
     check_output_path(out, overwrite)
+    reference, library_size, target_sum = load_reference(), not no_library_size, 1e4
+    if model is not None:
+        from genecompass.run import run_tokenisation
+
+        existing_paths([model])
+        settings = run_tokenisation(model)
+        reference, library_size, target_sum = settings.reference, settings.library_size, settings.target_sum
     options = TokenizeOptions(
-        library_size=not no_library_size,
+        library_size=library_size,
+        target_sum=target_sum,
         species=species,
         allow_non_integer=allow_non_integer,
         layer=input_layer(None, transpose),
@@ -127,8 +139,9 @@ def medians(
             options=options,
             progress=progress,
             qc=qc_from if qc_from is not None else (QcParams() if qc else None),
+            reference=reference,
         )
-    result.save(out, load_reference())
+    result.save(out, reference)
     console.print(f"wrote {out}: {int((result.n_nonzero > 0).sum()):,} genes, {result.hash}")
 
 

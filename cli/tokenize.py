@@ -52,6 +52,13 @@ def tokenize(
         help="i/n: tokenise the i-th of n slices of the cells "
         "(one process per shard; join with `gc corpus merge`).",
     ),
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        metavar="RUN",
+        help="Tokenise for this run: its vocabulary (e.g. an imported GeneCompass checkpoint's), medians, "
+        "normalisation and top-k.",
+    ),
     species: str | None = SpeciesOption,
     layer: str | None = typer.Option(None, "--layer", help="Read counts from `raw` or layers/NAME."),
     transpose: bool | None = TransposeOption,
@@ -65,6 +72,8 @@ def tokenize(
     A re-run after an interruption resumes finished inputs.
 
     Example: gc tokenize data/pbmc3k.h5ad --out pbmc3k.zarr --obs-keys cell_type --qc
+
+    Example (for an imported checkpoint): gc tokenize raw.h5ad --model runs/genecompass_base --out raw.zarr
     """
     from genecompass.qc import QcParams
     from genecompass.tokenize import TokenizeOptions, parse_shard
@@ -74,9 +83,20 @@ def tokenize(
     layer = input_layer(layer, transpose)
     if qc and qc_from is not None:
         raise typer.BadParameter("give --qc or --qc-from, not both")
+    reference = None
+    library_size, target_sum = not no_library_size, 1e4
+    if model is not None:
+        from genecompass.run import run_tokenisation
+
+        existing_paths([model])
+        settings = run_tokenisation(model)
+        reference, top_k = settings.reference, settings.top_k
+        library_size, target_sum = settings.library_size, settings.target_sum
+        medians = medians or settings.medians
     options = TokenizeOptions(
         top_k=top_k,
-        library_size=not no_library_size,
+        library_size=library_size,
+        target_sum=target_sum,
         chunk_size=chunk_size,
         threads=threads,
         allow_non_integer=allow_non_integer,
@@ -93,6 +113,7 @@ def tokenize(
             qc=qc_from if qc_from is not None else (QcParams() if qc else None),
             shard=parse_shard(shard),
             overwrite=overwrite,
+            reference=reference,
             progress=progress,
         )
     if as_json:
