@@ -32,7 +32,7 @@ demo: setup
 	$(GC) knowledge build --corpus $(DEMO)/pbmc3k.zarr --out $(DEMO)/knowledge
 	$(GC) knowledge info $(DEMO)/knowledge
 	$(GC) model info --config tiny --knowledge $(DEMO)/knowledge
-	$(GC) pretrain --corpus $(DEMO)/pbmc3k.zarr --config tiny --knowledge $(DEMO)/knowledge \
+	$(GC) pretrain $(DEMO)/pbmc3k.zarr --config tiny --knowledge $(DEMO)/knowledge \
 		--max-steps 100 --out $(DEMO)/run
 	@echo "loss curve: $(DEMO)/run/loss_curve.png"
 	$(GC) embed --model $(DEMO)/run data/pbmc3k.h5ad --out $(DEMO)/pbmc3k_embedded.h5ad --plot cell_type
