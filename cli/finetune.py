@@ -34,7 +34,9 @@ MaxLengthOption = typer.Option(
 @finetune_app.command("celltype")
 def celltype(
     train: Path | None = typer.Argument(
-        None, metavar="DATA", help="Raw counts with a label column in obs (.h5ad, 10x, .zarr, .loom, CSV)."
+        None,
+        metavar="DATA",
+        help="Raw counts with a label column in obs (.h5ad, 10x, .zarr, .loom). Required.",
     ),
     train_option: Path | None = typer.Option(None, "--train", hidden=True, help="Old spelling of DATA."),
     model: Path = typer.Option(..., "--model", help="A run directory from `gc pretrain` (or its model/)."),
@@ -116,7 +118,7 @@ def celltype(
 @finetune_app.command("gene-class")
 def gene_class(
     corpus: Path | None = typer.Argument(
-        None, metavar="CORPUS", help="A tokenised corpus (`gc tokenize`) whose cells are used."
+        None, metavar="CORPUS", help="A tokenised corpus (`gc tokenize`) whose cells are used. Required."
     ),
     corpus_option: Path | None = typer.Option(None, "--corpus", hidden=True, help="Old spelling of CORPUS."),
     model: Path = typer.Option(..., "--model", help="A run directory from `gc pretrain` (or its model/)."),

@@ -122,7 +122,9 @@ def infer(
 
 @grn_app.command("eval")
 def evaluate(
-    edges: Path | None = typer.Argument(None, metavar="EDGES", help="Edge list from `gc grn infer`."),
+    edges: Path | None = typer.Argument(
+        None, metavar="EDGES", help="Edge list from `gc grn infer`. Required."
+    ),
     edges_option: Path | None = typer.Option(None, "--edges", hidden=True, help="Old spelling of EDGES."),
     reference: Path = typer.Option(
         ..., "--reference", help="Reference edges (TSV with tf_token, target_token), e.g. grn_holdout.tsv."

@@ -39,7 +39,7 @@ def _rank() -> int:
 
 def pretrain(
     corpus: Path | None = typer.Argument(
-        None, metavar="CORPUS", help="The tokenised corpus (.zarr) from `gc tokenize`."
+        None, metavar="CORPUS", help="The tokenised corpus (.zarr) from `gc tokenize`. Required."
     ),
     corpus_option: Path | None = typer.Option(None, "--corpus", hidden=True, help="Old spelling of CORPUS."),
     config: str = ConfigOption,
