@@ -103,15 +103,22 @@ def corpus(
     cells_key: str | None = None,
     states: Sequence[str] = (),
     same_reference: bool = False,
+    model: Path | None = None,
 ):
     """A complete gc corpus (``Corpus``), optionally holding obs ``cells_key`` with cells in every state of
-    ``states``, and (``same_reference``) built with the installed gene reference."""
+    ``states``, and (``same_reference``) built with the gene reference of run ``model`` (default: the
+    installed one)."""
     from genecompass.corpus import Corpus
 
     existing_paths([path])
     opened = Corpus(path)
     if same_reference:
-        reference = _reference()
+        if model is not None:
+            from genecompass.run import run_reference
+
+            reference = run_reference(model)
+        else:
+            reference = _reference()
         if opened.reference_hash != reference.hash:
             raise ReferenceMismatchError(
                 f"{path}: corpus built for reference {opened.reference_hash}, but the gene reference in "

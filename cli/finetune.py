@@ -164,8 +164,8 @@ def gene_class(
 
     # Everything a user can get wrong is checked before the model stack (torch) is imported.
     corpus = positional(corpus, corpus_option, "CORPUS", "--corpus")
-    checks.corpus(corpus, same_reference=True)
     checks.trained_run(model)
+    checks.corpus(corpus, same_reference=True, model=model)
     existing_paths([labels])
     read_gene_labels(labels, negatives=negatives)
     checks.output(out, overwrite)

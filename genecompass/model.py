@@ -38,7 +38,8 @@ from transformers.utils import ModelOutput
 from .errors import FormatError, InputError, ReferenceMismatchError
 from .knowledge import KNOWLEDGE_TABLES, MANIFEST_NAME, load_knowledge
 
-KNOWLEDGE_BESIDE_WEIGHTS = "knowledge"
+KNOWLEDGE_BESIDE_WEIGHTS = "knowledge"  # an imported run's tables and gene reference live beside its weights
+REFERENCE_BESIDE_WEIGHTS = "reference"
 IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch's cross-entropy default)
 VALUE_ENCODINGS = ("mlp", "scalar")
 CELL_EMBEDDINGS = ("species", "mean")
@@ -526,6 +527,12 @@ class GeneCompassPreTrainedModel(PreTrainedModel):
         """``PreTrainedModel.save_pretrained`` (safetensors, knowledge excluded) plus a copy of the knowledge
         manifest, so the exported directory says which tables (by sha256) it needs."""
         super().save_pretrained(save_directory, *args, **kwargs)
+        source = Path(getattr(self, "name_or_path", "") or ".")
+        if source.resolve() != Path(save_directory).resolve():
+            # an imported run's own gene reference and knowledge tables travel with its weights
+            for beside in (REFERENCE_BESIDE_WEIGHTS, KNOWLEDGE_BESIDE_WEIGHTS):
+                if (source / beside).is_dir():
+                    shutil.copytree(source / beside, Path(save_directory) / beside, dirs_exist_ok=True)
         if self.config.knowledge_dir:
             manifest = Path(self.config.knowledge_dir) / MANIFEST_NAME
             if manifest.is_file():

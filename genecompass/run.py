@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 RUN_INFO = "gc_run.json"
 MEDIANS_FILE = "medians.tsv"
-RUN_REFERENCE = "reference"  # an imported run's own gene reference bundle (its checkpoint's vocabulary)
+RUN_REFERENCE = "reference"  # an imported run's own gene reference bundle (model.REFERENCE_BESIDE_WEIGHTS)
 FORMAT_NAME = "gc-run"
 FORMAT_VERSION = 1
 

@@ -301,3 +301,67 @@ def test_bad_token_dictionaries_and_configs(tmp_path):
 def test_existing_output_is_not_overwritten(imported):
     with pytest.raises(OutputExistsError):
         import_genecompass(CHECKPOINT, TOKENS, imported, medians_path=MEDIANS)
+
+
+def _write_original_checkpoint(directory: Path, genes: list[str], seed: int = 0) -> None:
+    """A checkpoint in the original's layout (keys and shapes as the fixture's original code writes them),
+    random weights, over ``genes``: for exercising every command on real data with a larger vocabulary."""
+    directory.mkdir(parents=True)
+    token_dict = {"<pad>": 0, "<mask>": 1, **{g: i + 2 for i, g in enumerate(genes)}}
+    config = {**json.loads((CHECKPOINT / "config.json").read_text()), "vocab_size": len(token_dict)}
+    dims = {name: 16 for name in ("promoter", "co_exp", "gene_family", "peca_grn")}
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(s, generator=generator) * 0.1 for k, s in expected_shapes(config, dims).items()}
+    for name in dims:
+        state[f"bert.embeddings.{name}_knowledge"][:2] = 0.0
+    state["bert.embeddings.homologous_index"] = torch.arange(len(token_dict))
+    state["emb_warmup.alpha"], state["emb_warmup.steps"] = torch.tensor(1.0), torch.tensor(0)
+    torch.save(state, directory / "pytorch_model.bin")
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "token_dict.pickle").write_bytes(pickle.dumps(token_dict))
+
+
+@pytest.mark.slow
+def test_every_command_accepts_an_imported_run(pbmc3k_adata, tmp_path):
+    """tokenize, embed, finetune celltype, predict, perturb run and screen, grn infer and gene-class on an
+    imported run, through the CLI, on real PBMC3k cells."""
+    cells = pbmc3k_adata[pbmc3k_adata.obs["cell_type"].isin(["CD14 Monocytes", "FCGR3A Monocytes"])]
+    cells = cells[:120]
+    expressed = np.asarray((cells.X > 0).sum(0)).ravel()
+    order = np.argsort(-expressed)
+    cells = cells[:, order[:1200]].copy()  # half of these genes are in the vocabulary
+    genes = list(cells.var_names[:600])
+    _write_original_checkpoint(tmp_path / "ckpt", genes)
+    data = tmp_path / "cells.h5ad"
+    cells.write_h5ad(data)
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    def gc(*args: str) -> None:  # in-process: the model stack is imported once, not per command
+        result = CliRunner().invoke(app, list(args))
+        assert result.exit_code == 0, f"gc {' '.join(args)}\n{result.output[-2000:]}\n{result.exception!r}"
+
+    run, t = str(tmp_path / "run"), str(tmp_path)
+    gc("model", "import", "genecompass", f"{t}/ckpt", "--token-dict", f"{t}/ckpt/token_dict.pickle",
+       "--out", f"{t}/bare")
+    gc("corpus", "medians", str(data), "--model", f"{t}/bare", "--out", f"{t}/medians.tsv")
+    gc("model", "import", "genecompass", f"{t}/ckpt", "--token-dict", f"{t}/ckpt/token_dict.pickle",
+       "--medians", f"{t}/medians.tsv", "--out", run)
+    gc("tokenize", str(data), "--model", run, "--obs-keys", "cell_type", "--out", f"{t}/cells.zarr")
+    gc("embed", "--model", run, str(data), "--out", f"{t}/emb.h5ad")
+    gc("finetune", "celltype", str(data), "--model", run, "--label-key", "cell_type", "--epochs", "1",
+       "--max-length", "65", "--out", f"{t}/ft")
+    gc("predict", "--model", f"{t}/ft", str(data), "--out", f"{t}/pred.h5ad")
+    gene = genes[0]
+    gc("perturb", "run", "--model", run, f"{t}/cells.zarr", "--overexpress", gene, "--cells-key", "cell_type",
+       "--source", "CD14 Monocytes", "--target", "FCGR3A Monocytes", "--max-cells", "8", "--n-random", "2",
+       "--out", f"{t}/perturb")
+    (tmp_path / "candidates.txt").write_text("\n".join(genes[:3]) + "\n")
+    gc("perturb", "screen", "--model", run, f"{t}/cells.zarr", "--cells-key", "cell_type", "--source",
+       "CD14 Monocytes", "--target", "FCGR3A Monocytes", "--genes", f"{t}/candidates.txt", "--max-cells", "8",
+       "--n-random", "2", "--out", f"{t}/screen")
+    gc("grn", "infer", "--model", run, f"{t}/cells.zarr", "--neighbours", "3", "--out", f"{t}/edges.tsv")
+    (tmp_path / "labels.tsv").write_text("".join(f"{g}\t{i % 2}\n" for i, g in enumerate(genes[:40])))
+    gc("finetune", "gene-class", f"{t}/cells.zarr", "--model", run, "--labels", f"{t}/labels.tsv",
+       "--folds", "2", "--out", f"{t}/geneclass")
