@@ -51,6 +51,13 @@ def pretrain(
         None, "--max-steps", min=1, help="Optimizer steps (overrides the config)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    init: Path | None = typer.Option(
+        None,
+        "--init",
+        metavar="RUN",
+        help="Continue pre-training this run (e.g. an imported GeneCompass checkpoint): its architecture, "
+        "weights, vocabulary and knowledge replace the config's model; tokenise with `gc tokenize --model`.",
+    ),
     overwrite: bool = OverwriteOption,
     seed: int | None = typer.Option(None, "--seed", min=0, help="Random seed (overrides the config)."),
     zero_stage: int | None = typer.Option(
@@ -68,6 +75,8 @@ def pretrain(
 
     Example: gc pretrain pbmc3k.zarr --config tiny --out runs/tiny --max-steps 200
 
+    Example (continue an imported checkpoint): gc pretrain my.zarr --init runs/gc_base --out runs/gc_base_more
+
     Multi-GPU: torchrun --nproc_per_node 8 $(which gc) pretrain c.zarr --config small --out runs/s;
     deepspeed --no_local_rank --num_gpus 8 $(which gc) pretrain ...; srun --ntasks-per-node 8 gc pretrain ...
     """
@@ -76,16 +85,22 @@ def pretrain(
 
     # Everything a user can get wrong is checked before the model stack (torch, DeepSpeed) is imported.
     corpus = positional(corpus, corpus_option, "CORPUS", "--corpus")
-    checks.corpus(corpus, same_reference=True)
-    checks.knowledge(knowledge)
+    init_reference = None
+    if init is not None:
+        from genecompass.run import run_reference
+
+        checks.trained_run(init)
+        init_reference = run_reference(init)
+    checks.corpus(corpus, same_reference=True, model=init)
+    checks.knowledge(knowledge, reference=init_reference)
     checks.training_output(out, resume=resume, overwrite=overwrite)
     # PretrainConfig validates its model preset against genecompass.model, which imports torch: last.
     settings = PretrainConfig.load(
         config, max_steps=max_steps, seed=seed, zero_stage=zero_stage, max_tokens=max_tokens
     )
     if knowledge is not None:
-        checks.knowledge(knowledge, settings.knowledge_tables)
-    elif settings.knowledge_tables:
+        checks.knowledge(knowledge, settings.knowledge_tables, reference=init_reference)
+    elif settings.knowledge_tables and init is None:
         raise InputError(
             f"the config asks for knowledge tables {settings.knowledge_tables}; pass --knowledge DIR"
         )
@@ -121,6 +136,7 @@ def pretrain(
             resume=resume,
             overwrite=overwrite,
             progress=update,
+            init_from=init,
         )
     if not is_main:
         return

@@ -428,6 +428,7 @@ def pretrain(
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
     reference: Any = None,
+    init_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Pre-train a GeneCompass model on a corpus; returns a summary dict (the same on every rank).
 
@@ -435,7 +436,9 @@ def pretrain(
     (``gc knowledge build``); without it the model trains without prior knowledge. ``resume``: continue from
     the newest checkpoint in ``out_dir`` (a fresh start if there is none). ``overwrite``: replace an existing
     run. ``progress(step, max_steps, metrics)`` is called on rank 0 after every step. ``reference``: the gene
-    reference (default: the installed one; its hash must match the corpus).
+    reference (default: the installed one; its hash must match the corpus). ``init_from``: continue
+    pre-training a run (e.g. an imported GeneCompass checkpoint): its architecture, weights, gene reference
+    and knowledge tables replace the preset's; the corpus must be tokenised for it (`gc tokenize --model`).
     """
     if not isinstance(config, PretrainConfig):
         config = PretrainConfig.load(config)
@@ -450,6 +453,7 @@ def pretrain(
             overwrite=overwrite,
             progress=progress,
             reference=reference,
+            init_from=init_from,
         )
 
 
@@ -464,6 +468,7 @@ def _pretrain(
     overwrite: bool,
     progress: ProgressCallback | None,
     reference: Any,
+    init_from: str | Path | None = None,
 ) -> dict[str, Any]:
     import deepspeed
     import torch
@@ -483,6 +488,15 @@ def _pretrain(
 
     # -- inputs and their hashes, checked before any process group exists -------------------------------
     corpus = Corpus.open(corpus_path)
+    init_dir = None
+    if init_from is not None:
+        from .model import KNOWLEDGE_BESIDE_WEIGHTS
+        from .run import model_dir_of, run_reference
+
+        init_dir = model_dir_of(init_from)
+        reference = reference or run_reference(init_dir)
+        beside = init_dir / KNOWLEDGE_BESIDE_WEIGHTS
+        knowledge_dir = knowledge_dir or (beside if beside.is_dir() else None)
     if reference is None:
         from .reference import load_reference
 
@@ -493,7 +507,9 @@ def _pretrain(
             f"use is {reference.hash}; re-tokenise the data with this gc"
         )
     tables: dict[str, Any] = {}
-    if knowledge_dir is not None:
+    if init_dir is not None:
+        pass  # the run brings its own architecture and knowledge tables
+    elif knowledge_dir is not None:
         tables = load_knowledge(knowledge_dir, reference.hash, config.knowledge_tables)
     elif config.knowledge_tables:
         raise InputError(
@@ -539,21 +555,29 @@ def _pretrain(
         from .knowledge import read_manifest
 
         manifest = read_manifest(knowledge_dir) if knowledge_dir is not None else None
-        model_config = GeneCompassConfig.from_preset(
-            config.model,
-            vocab_size=reference.vocab_size,
-            pad_token_id=reference.pad_id,
-            mask_token_id=reference.mask_id,
-            species_token_ids=dict(reference.species_token_ids),
-            reference_hash=reference.hash,
-            knowledge_tables=list(tables),
-            knowledge_dims={name: int(t[0].shape[1]) for name, t in tables.items()},
-            knowledge_sha256={name: manifest["tables"][name]["sha256"] for name in tables}
-            if manifest
-            else {},
-            knowledge_dir=str(Path(knowledge_dir).resolve()) if knowledge_dir is not None else None,
-            **config.model_overrides,
-        )
+        initial = None
+        if init_dir is not None:
+            from .run import quiet_transformers
+
+            with quiet_transformers():
+                initial = GeneCompassForPretraining.from_pretrained(init_dir, knowledge_dir=knowledge_dir)
+            model_config = initial.config
+        else:
+            model_config = GeneCompassConfig.from_preset(
+                config.model,
+                vocab_size=reference.vocab_size,
+                pad_token_id=reference.pad_id,
+                mask_token_id=reference.mask_id,
+                species_token_ids=dict(reference.species_token_ids),
+                reference_hash=reference.hash,
+                knowledge_tables=list(tables),
+                knowledge_dims={name: int(t[0].shape[1]) for name, t in tables.items()},
+                knowledge_sha256={name: manifest["tables"][name]["sha256"] for name in tables}
+                if manifest
+                else {},
+                knowledge_dir=str(Path(knowledge_dir).resolve()) if knowledge_dir is not None else None,
+                **config.model_overrides,
+            )
         max_length = config.max_length or model_config.max_sequence_length
         if max_length > model_config.max_sequence_length:
             raise InputError(
@@ -567,7 +591,7 @@ def _pretrain(
                 "--knowledge directory"
             )
         _seed_everything(config.seed)  # identical initial weights on every rank
-        model = GeneCompassForPretraining(model_config)
+        model = initial if initial is not None else GeneCompassForPretraining(model_config)
         if tables:
             model.attach_knowledge(tables)
         if config.gradient_checkpointing:

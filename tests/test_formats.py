@@ -323,15 +323,18 @@ def _write_original_checkpoint(directory: Path, genes: list[str], seed: int = 0)
 
 @pytest.mark.slow
 def test_every_command_accepts_an_imported_run(pbmc3k_adata, tmp_path):
-    """tokenize, embed, finetune celltype, predict, perturb run and screen, grn infer and gene-class on an
-    imported run, through the CLI, on real PBMC3k cells."""
+    """tokenize, embed, finetune celltype, predict, perturb run and screen, grn infer, gene-class and
+    continued pre-training on an imported run, through the CLI, on real PBMC3k cells."""
     cells = pbmc3k_adata[pbmc3k_adata.obs["cell_type"].isin(["CD14 Monocytes", "FCGR3A Monocytes"])]
     cells = cells[:120]
     expressed = np.asarray((cells.X > 0).sum(0)).ravel()
     order = np.argsort(-expressed)
     cells = cells[:, order[:1200]].copy()  # half of these genes are in the vocabulary
     genes = list(cells.var_names[:600])
-    _write_original_checkpoint(tmp_path / "ckpt", genes)
+    from genecompass.reference import load_reference
+
+    mouse = list(load_reference().genes("mouse").index[:20])  # the published vocabularies hold both species
+    _write_original_checkpoint(tmp_path / "ckpt", genes + mouse)
     data = tmp_path / "cells.h5ad"
     cells.write_h5ad(data)
     from typer.testing import CliRunner
@@ -365,3 +368,13 @@ def test_every_command_accepts_an_imported_run(pbmc3k_adata, tmp_path):
     (tmp_path / "labels.tsv").write_text("".join(f"{g}\t{i % 2}\n" for i, g in enumerate(genes[:40])))
     gc("finetune", "gene-class", f"{t}/cells.zarr", "--model", run, "--labels", f"{t}/labels.tsv",
        "--folds", "2", "--out", f"{t}/geneclass")
+    gc("pretrain", f"{t}/cells.zarr", "--init", run, "--config", "tiny", "--max-steps", "2", "--max-tokens",
+       "2048", "--out", f"{t}/more")
+    gc("embed", "--model", f"{t}/more", str(data), "--out", f"{t}/emb_more.h5ad")
+    from genecompass.run import load_run
+
+    before, after = load_run(run), load_run(f"{t}/more")
+    assert after.reference.hash == before.reference.hash
+    assert after.model.config.species_embedding == "prepended"
+    moved = [not torch.equal(p, q) for p, q in zip(before.model.parameters(), after.model.parameters())]
+    assert any(moved)  # the steps trained the imported weights
