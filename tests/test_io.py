@@ -341,8 +341,11 @@ def test_not_hdf5_and_gzip(mouse_h5_path, tmp):
     (tmp / "notes.h5ad").write_text("cell,gene,count\n")
     with pytest.raises(InputError, match=r"notes\.h5ad: file is truncated or not HDF5"):
         open_counts(tmp / "notes.h5ad")
-    (tmp / "table.csv").write_text("cell,gene,count\n")
-    with pytest.raises(InputError, match=r"table\.csv: unrecognised input"):
+    (tmp / "table.json").write_text('{"cell": 1}\n')
+    with pytest.raises(InputError, match=r"table\.json: unrecognised input.*CSV/TSV count table"):
+        open_counts(tmp / "table.json")
+    (tmp / "table.csv").write_text("cell,gene,count\n")  # a CSV table is read; this one has no rows
+    with pytest.raises(InputError, match=r"table\.csv: no data rows under the header"):
         open_counts(tmp / "table.csv")
     with open(mouse_h5_path, "rb") as fin, gzip.open(tmp / "filtered.h5.gz", "wb") as fout:
         shutil.copyfileobj(fin, fout)
