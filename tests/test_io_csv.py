@@ -1,6 +1,6 @@
 """CSV/TSV count tables: both orientations, plain and gzipped, read as the h5ad they were written from.
 
-The tables are written from the real PBMC3k data bundled in data/ (the first 150 cells, every gene), so the
+The tables are written from the real PBMC3k data bundled in data/ (the first 80 cells, every gene), so the
 check is end to end: the corpus tokenised from each table equals the corpus tokenised from the h5ad."""
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from genecompass import io as gio
 from genecompass.errors import InputError
 from genecompass.io import TEXT_ROWS_ARE_CELLS, TEXT_ROWS_ARE_GENES, open_counts
 
-N_CELLS = 150
+N_CELLS = 80
 
 
 @pytest.fixture(scope="module")
 def tables(pbmc3k_subset, tmp_path_factory):
-    """The first 150 PBMC3k cells as an h5ad and as four text tables (orientation × compression)."""
+    """The first 80 PBMC3k cells as an h5ad and as four text tables (orientation × compression)."""
     work = tmp_path_factory.mktemp("csv")
     adata = pbmc3k_subset[:N_CELLS].copy()
     h5ad = work / "cells.h5ad"
@@ -62,14 +62,15 @@ def test_tables_read_as_the_h5ad_in_either_orientation(tables, name, fmt, orient
         assert table.var_names == h5ad.var_names and table.obs_names() == h5ad.obs_names()
         expected = _matrix(h5ad)
         assert (_matrix(table) != expected).nnz == 0
-        part = sp.vstack([c.to_scipy(table.n_genes) for c in table.iter_chunks(40, 30, 120)]).tocsr()
-        assert (part != expected[30:120]).nnz == 0  # a later range after a full pass: read again
+        part = sp.vstack([c.to_scipy(table.n_genes) for c in table.iter_chunks(25, 20, 70)]).tocsr()
+        assert (part != expected[20:70]).nnz == 0  # a later range after a full pass: read again
         assert table.gene_map().species == "human"
 
 
 def test_small_blocks_and_buckets_give_the_same_matrix(tables, monkeypatch):
-    """Block and bucket boundaries inside a chunk: parse 3 rows at a time, transpose into 7-cell buckets."""
-    monkeypatch.setattr(gio, "_DENSE_SLAB_BYTES", 3 * 4 * tables["adata"].n_vars)
+    """Block and bucket boundaries inside a 64-cell chunk: parse 13 rows at a time, transpose into 7-cell
+    buckets."""
+    monkeypatch.setattr(gio, "_DENSE_SLAB_BYTES", 13 * 4 * tables["adata"].n_vars)
     monkeypatch.setattr(gio, "_TEXT_BUCKET_CELLS", 7)
     with open_counts(tables["h5ad"]) as h5ad:
         expected = _matrix(h5ad)
