@@ -35,6 +35,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from .configs import MODEL_PRESETS
 from .errors import FormatError, InputError, ReferenceMismatchError
 from .knowledge import KNOWLEDGE_TABLES, MANIFEST_NAME, load_knowledge
 
@@ -46,33 +47,6 @@ CELL_EMBEDDINGS = ("species", "mean")
 SPECIES_EMBEDDINGS = ("token", "prepended")
 FUSION_ACTIVATIONS = ("gelu", "quick_gelu")
 KNOWLEDGE_LOOKUPS = ("token", "homologous")
-
-# Model sizes. `small` is the paper's ablation size (and Geneformer's); `base` is the released GeneCompass.
-# Positions: top-k genes plus one for the species token at position 0.
-MODEL_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=513,
-    ),
-    "small": dict(
-        num_hidden_layers=6,
-        hidden_size=256,
-        num_attention_heads=4,
-        intermediate_size=512,
-        max_position_embeddings=2049,
-    ),
-    "base": dict(
-        num_hidden_layers=12,
-        hidden_size=768,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        max_position_embeddings=2049,
-    ),
-}
-
 
 class GeneCompassConfig(PretrainedConfig):
     """Everything needed to rebuild a GeneCompass model (and its heads) from ``config.json``."""

@@ -63,7 +63,7 @@ ProgressCallback = Callable[[int, int, dict], None]
 class PretrainConfig:
     """Pre-training settings; ``genecompass/configs/{tiny,small,base}.yaml`` are the presets."""
 
-    model: str = "tiny"  # model size preset (see genecompass.model.MODEL_PRESETS)
+    model: str = "tiny"  # model size preset (see genecompass.configs.MODEL_PRESETS)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # any GeneCompassConfig field
     knowledge_tables: list[str] | None = None  # None: every table in the knowledge directory
     max_length: int | None = None  # tokens per cell incl. the species token; None: the model's maximum
@@ -104,7 +104,7 @@ class PretrainConfig:
         def fail(message: str) -> None:
             raise InputError(f"invalid pre-training config: {message}")
 
-        from .model import MODEL_PRESETS
+        from .configs import MODEL_PRESETS
 
         if self.model not in MODEL_PRESETS:
             fail(f"model {self.model!r} is not one of {', '.join(MODEL_PRESETS)}")
