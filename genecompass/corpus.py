@@ -557,7 +557,21 @@ def merge_corpora(
                     f"({other.attrs.get(key)!r} vs {first.attrs.get(key)!r})"
                 )
     attrs = {k: first.attrs[k] for k in ("reference_hash", "medians_hash", "normalisation", "top_k")}
-    attrs["inputs"] = [entry for c in corpora for entry in c.attrs["inputs"]]
+    # Consecutive shards of one file become one entry again, so that merging the `--shard i/n` outputs in
+    # order gives the same store, byte for byte, as tokenising without shards.
+    attrs["inputs"] = []
+    source_maps = []
+    for corpus in corpora:
+        mapping = []
+        for entry in corpus.attrs["inputs"]:
+            prev = attrs["inputs"][-1] if attrs["inputs"] else None
+            if prev is not None and _continues(prev, entry):
+                prev["cells"] = [prev["cells"][0], entry["cells"][1]]
+                prev["n_cells"] = prev["n_cells"] + entry["n_cells"]
+            else:
+                attrs["inputs"].append(dict(entry))
+            mapping.append(len(attrs["inputs"]) - 1)
+        source_maps.append(np.asarray(mapping, np.int64))
     if len(attrs["inputs"]) > np.iinfo(np.uint16).max:
         raise FormatError("too many inputs to merge into one corpus (max 65535)")
     total = sum(c.n_cells for c in corpora)
@@ -565,9 +579,8 @@ def merge_corpora(
     with CorpusWriter(
         out, attrs=attrs, obs_keys=first.obs_keys, gene_medians=first.gene_medians(), overwrite=overwrite
     ) as writer:
-        source_offset = 0
-        for corpus in corpora:
-            sources = np.asarray(corpus.root["cells/source"][:], np.int64) + source_offset
+        for corpus, mapping in zip(corpora, source_maps, strict=True):
+            sources = mapping[np.asarray(corpus.root["cells/source"][:], np.int64)]
             n_expressed = np.asarray(corpus.root["cells/n_expressed"][:])
             labels = {key: corpus.obs_labels(key) for key in corpus.obs_keys}
             for start, stop in corpus.iter_blocks():
@@ -584,5 +597,11 @@ def merge_corpora(
                 done += stop - start
                 if progress:
                     progress(done, total)
-            source_offset += len(corpus.attrs["inputs"])
     return Path(out)
+
+
+def _continues(prev: dict, entry: dict) -> bool:
+    """Whether input ``entry`` is the next slice of the same file as ``prev`` (adjacent shards)."""
+    same = all(prev.get(k) == entry.get(k) for k in set(prev) | set(entry) if k not in ("cells", "n_cells"))
+    cells_prev, cells_next = prev.get("cells"), entry.get("cells")
+    return same and cells_prev is not None and cells_next is not None and cells_prev[1] == cells_next[0]

@@ -20,8 +20,9 @@ CONTAINERS = REPO / "containers"
 DOCKERFILE = CONTAINERS / "Dockerfile"
 DEF_FILE = CONTAINERS / "gc.def"
 POST_SCRIPT = CONTAINERS / "apptainer-post.sh"
-SBATCH = sorted((CONTAINERS / "slurm").glob("*.sbatch"))
-SHELL_SCRIPTS = sorted(CONTAINERS.rglob("*.sh")) + SBATCH
+SBATCH = sorted((CONTAINERS / "slurm").glob("pretrain-*.sbatch"))
+ALL_SBATCH = sorted((CONTAINERS / "slurm").glob("*.sbatch"))  # + tokenize-array.sbatch (tests/test_slurm.py)
+SHELL_SCRIPTS = sorted(CONTAINERS.rglob("*.sh")) + ALL_SBATCH
 VENV_BIN = Path(sys.executable).parent
 
 # Sections Apptainer knows; anything else in a .def (e.g. a misspelt `%postt`) is silently ignored by
