@@ -34,6 +34,7 @@ Pickles from elsewhere go through a restricted unpickler that builds only dicts 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -67,6 +68,21 @@ ORIGINAL_NORMALISATION = {"library_size": False, "target_sum": 1e4, "log_base": 
 ORIGINAL_TOP_K = 2048
 MISSING_MEDIAN = 1.0  # preprocess.Normalized: a gene absent from the median dictionary is divided by 1
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@contextlib.contextmanager
+def _atomic_directory(out: Path):
+    """A temporary sibling of ``out`` to write into: it replaces ``out`` on success, vanishes on failure."""
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -562,9 +578,7 @@ def import_genecompass(
     alpha = float(state["emb_warmup.alpha"])
     warmup_steps = int(state["emb_warmup.steps"])
 
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with _atomic_directory(out) as tmp:
         model_dir = tmp / "model"
         reference = write_reference(checkpoint.token_dict, model_dir / "reference", str(checkpoint.directory))
         V = checkpoint.vocab_size
@@ -635,12 +649,6 @@ def import_genecompass(
             info["medians_hash"] = medians.hash
             info["medians_missing_set_to_1"] = n_missing
         write_json_atomic(model_dir / RUN_INFO, info)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "out": str(out),
         "vocab_size": V,
@@ -748,9 +756,7 @@ def export_genecompass(run: str | Path, out: str | Path, *, overwrite: bool = Fa
     original_config.setdefault("warmup_steps", 0)
     original_config.setdefault("emb_warmup_steps", 1)
 
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with _atomic_directory(out) as tmp:
         tmp.mkdir(parents=True)
         torch.save({k: v.contiguous().clone() for k, v in original.items()}, tmp / "pytorch_model.bin")
         (tmp / "config.json").write_text(json.dumps(original_config, indent=2, sort_keys=True) + "\n")
@@ -764,10 +770,4 @@ def export_genecompass(run: str | Path, out: str | Path, *, overwrite: bool = Fa
                        if not gene.startswith("<") and np.isfinite(medians.values[token])}
             with open(tmp / "medians.pickle", "wb") as handle:
                 pickle.dump(by_gene, handle, protocol=4)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "vocab_size": V, "keys": len(original)}
