@@ -558,7 +558,12 @@ def import_genecompass(
 
     from .knowledge import read_manifest, write_knowledge_table
     from .medians import Medians
-    from .model import GeneCompassConfig, GeneCompassForPretraining
+    from .model import (
+        KNOWLEDGE_BESIDE_WEIGHTS,
+        REFERENCE_BESIDE_WEIGHTS,
+        GeneCompassConfig,
+        GeneCompassForPretraining,
+    )
     from .run import (
         FORMAT_NAME,
         FORMAT_VERSION,
@@ -580,9 +585,10 @@ def import_genecompass(
 
     with _atomic_directory(out) as tmp:
         model_dir = tmp / "model"
-        reference = write_reference(checkpoint.token_dict, model_dir / "reference", str(checkpoint.directory))
+        reference = write_reference(checkpoint.token_dict, model_dir / REFERENCE_BESIDE_WEIGHTS,
+                                    str(checkpoint.directory))
         V = checkpoint.vocab_size
-        knowledge_dir = model_dir / "knowledge"
+        knowledge_dir = model_dir / KNOWLEDGE_BESIDE_WEIGHTS
         for name in dims:
             table = state[f"bert.embeddings.{name}_knowledge"].float()
             table = torch.cat([table, table.new_zeros(2, table.shape[1])])
@@ -692,18 +698,15 @@ def export_genecompass(run: str | Path, out: str | Path, *, overwrite: bool = Fa
 
     import torch
 
-    from .model import GeneCompassForPretraining
-    from .reference import load_reference
-    from .run import quiet_transformers
+    from .model import REFERENCE_BESIDE_WEIGHTS, GeneCompassForPretraining
+    from .run import quiet_transformers, run_reference
 
-    reference = load_reference(model_dir / "reference") if (model_dir / "reference").is_dir() else None
-    if reference is None:
-        raise FormatError(f"{model_dir}: no reference/ bundle; only imported runs can be exported")
-    knowledge_dir = model_dir / "knowledge"
-    with quiet_transformers():
-        model = GeneCompassForPretraining.from_pretrained(
-            model_dir, knowledge_dir=knowledge_dir if knowledge_dir.is_dir() else None
-        )
+    if not (model_dir / REFERENCE_BESIDE_WEIGHTS).is_dir():
+        raise FormatError(f"{model_dir}: no {REFERENCE_BESIDE_WEIGHTS}/ bundle (the checkpoint vocabulary); "
+                          "only imported runs can be exported")
+    reference = run_reference(model_dir)
+    with quiet_transformers():  # the knowledge tables are found beside the weights
+        model = GeneCompassForPretraining.from_pretrained(model_dir)
     config = model.config
     vocab = reference.vocab()
     V = config.vocab_size - 2
