@@ -140,6 +140,9 @@ def init_run(
         raise InputError(
             f"the config asks for knowledge tables {config.knowledge_tables}; pass --knowledge DIR"
         )
+    from .train import corpus_gene_tokens
+
+    head_genes = corpus_gene_tokens(corpus, reference) if config.id_head == "corpus" else None
     model_config = GeneCompassConfig.from_preset(
         config.model,
         vocab_size=reference.vocab_size,
@@ -151,13 +154,13 @@ def init_run(
         knowledge_dims={name: int(t[0].shape[1]) for name, t in tables.items()},
         knowledge_sha256={name: manifest["tables"][name]["sha256"] for name in tables} if manifest else {},
         knowledge_dir=str(Path(knowledge_dir).resolve()) if knowledge_dir is not None else None,
+        **({"id_head_size": len(head_genes)} if head_genes is not None else {}),
         **config.model_overrides,
     )
-    max_length = config.max_length or model_config.max_position_embeddings
-    if max_length > model_config.max_position_embeddings:
-        raise InputError(
-            f"max_length {max_length} exceeds the model's {model_config.max_position_embeddings} positions"
-        )
+    limit = getattr(model_config, "max_sequence_length", model_config.max_position_embeddings)
+    max_length = config.max_length or limit
+    if max_length > limit:
+        raise InputError(f"max_length {max_length} exceeds the model's {limit} positions")
     # As gc pretrain seeds before building the model (train._seed_everything): the same initial weights.
     import random
 
@@ -165,6 +168,8 @@ def init_run(
     np.random.seed(config.seed % 2**32)
     torch.manual_seed(config.seed)
     model = GeneCompassForPretraining(model_config)
+    if head_genes is not None:
+        model.restrict_id_head(head_genes)
     if tables:
         model.attach_knowledge(tables)
     remove_path(out)

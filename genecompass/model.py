@@ -98,6 +98,10 @@ class GeneCompassConfig(PretrainedConfig):
     knowledge_sha256: dict[str, str] = field(default_factory=dict)
     knowledge_dir: str | None = None  # where the tables were loaded from; from_pretrained re-attaches them
 
+    # 0: the ID head scores every token of the vocabulary (the paper). K > 0: only the K genes in the
+    # persistent buffer ``id_head_index`` of GeneCompassForPretraining (sorted token ids; `gc pretrain` with
+    # ``id_head: corpus`` fills it with the corpus's genes): a K-way softmax, 6x cheaper for PBMC3k + Kang.
+    id_head_size: int = 0
     id_loss_weight: float = 0.2  # the original's weights; the paper's beta
     value_loss_weight: float = 0.8
 
@@ -156,6 +160,8 @@ class GeneCompassConfig(PretrainedConfig):
             fail(f"value_encoding {self.value_encoding!r} is not one of {', '.join(VALUE_ENCODINGS)}")
         if self.value_clamp_max <= 0:
             fail(f"value_clamp_max must be positive, got {self.value_clamp_max!r}")
+        if not isinstance(self.id_head_size, int) or not 0 <= self.id_head_size <= self.vocab_size:
+            fail(f"id_head_size must be an integer in [0, vocab_size], got {self.id_head_size!r}")
         if self.cell_embedding not in CELL_EMBEDDINGS:
             fail(f"cell_embedding {self.cell_embedding!r} is not one of {', '.join(CELL_EMBEDDINGS)}")
         unknown = [t for t in self.knowledge_tables if t not in KNOWLEDGE_TABLES]
@@ -602,7 +608,24 @@ class GeneCompassForPretraining(GeneCompassPreTrainedModel):
         self.id_decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.value_transform = PredictionTransform(config)
         self.value_decoder = nn.Linear(config.hidden_size, 1)
+        if config.id_head_size:
+            self.register_buffer("id_head_index", torch.zeros(config.id_head_size, dtype=torch.long))
+        else:
+            self.id_head_index = None
         self.post_init()
+
+    @torch.no_grad()
+    def restrict_id_head(self, token_ids) -> None:
+        """Score only these genes in the ID head (``config.id_head_size`` of them; stored sorted)."""
+        index = torch.tensor([int(t) for t in token_ids], dtype=torch.long).unique()  # sorted
+        if self.id_head_index is None or len(index) != len(self.id_head_index):
+            raise InputError(
+                f"restrict_id_head got {len(index)} distinct genes, the config's id_head_size is "
+                f"{self.config.id_head_size}"
+            )
+        if int(index.min()) < 0 or int(index.max()) >= self.config.vocab_size:
+            raise InputError("restrict_id_head: token ids outside the vocabulary")
+        self.id_head_index.copy_(index.to(self.id_head_index.device))
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.id_decoder
@@ -631,13 +654,21 @@ class GeneCompassForPretraining(GeneCompassPreTrainedModel):
             raise InputError("value_labels are required with labels (the true values of the masked genes)")
         is_masked = labels != IGNORE_INDEX  # (B, T)
         masked_hidden = hidden[is_masked]  # (N, H): gather first, so logits exist only where needed
-        id_logits = self.id_decoder(self.id_transform(masked_hidden))  # (N, V)
-        # A masked position always holds a gene: the species tokens are never an answer.
-        species = torch.tensor(list(self.config.species_token_ids.values()), device=id_logits.device)
-        id_logits = id_logits.index_fill(-1, species, float("-inf"))
+        id_targets = labels[is_masked]
+        if self.id_head_index is None:
+            id_logits = self.id_decoder(self.id_transform(masked_hidden))  # (N, V)
+            # A masked position always holds a gene: the species tokens are never an answer.
+            species = torch.tensor(list(self.config.species_token_ids.values()), device=id_logits.device)
+            id_logits = id_logits.index_fill(-1, species, float("-inf"))
+        else:  # (N, K): only the head's genes; targets become positions in id_head_index
+            index = self.id_head_index
+            weight, bias = self.id_decoder.weight[index], self.id_decoder.bias[index]
+            id_logits = F.linear(self.id_transform(masked_hidden), weight, bias)
+            position = torch.searchsorted(index, id_targets).clamp(max=len(index) - 1)
+            id_targets = torch.where(index[position] == id_targets, position, IGNORE_INDEX)
         value_predictions = self.value_decoder(self.value_transform(masked_hidden)).squeeze(-1)  # (N,)
         n_masked = int(is_masked.sum())
-        id_sum = F.cross_entropy(id_logits.float(), labels[is_masked], reduction="sum")
+        id_sum = F.cross_entropy(id_logits.float(), id_targets, reduction="sum")
         value_sum = F.mse_loss(value_predictions.float(), value_labels[is_masked].float(), reduction="sum")
         denominator = num_items_in_batch if num_items_in_batch is not None else max(n_masked, 1)
         id_loss, value_loss = id_sum / denominator, value_sum / denominator
@@ -655,7 +686,9 @@ class GeneCompassForPretraining(GeneCompassPreTrainedModel):
 
 
 # Loading a pre-training checkpoint into a classifier drops the pre-training heads; that is expected.
-_PRETRAINING_HEADS = [r"^id_transform\.", r"^id_decoder\.", r"^value_transform\.", r"^value_decoder\."]
+_PRETRAINING_HEADS = [
+    r"^id_transform\.", r"^id_decoder\.", r"^value_transform\.", r"^value_decoder\.", r"^id_head_index$"
+]
 
 
 class GeneCompassForCellClassification(GeneCompassPreTrainedModel):

@@ -52,6 +52,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 PRESETS = ("tiny", "small", "base")
 LOG_COLUMNS = ("step", "loss", "id_loss", "value_loss", "lr", "tokens", "tokens_per_s", "elapsed")
 DECAYS = ("linear", "cosine")
+ID_HEADS = ("full", "corpus")
 # Settings a resumed run may change without changing the trajectory.
 RESUMABLE_CHANGES = ("max_steps", "save_every", "keep_checkpoints", "log_every", "num_workers")
 _MASK_STREAM = 0x6D61736B  # separates the masking seed stream from other uses of (seed, epoch, batch)
@@ -88,6 +89,9 @@ class PretrainConfig:
     log_every: int = 10  # steps between log rows
     num_workers: int = 0  # DataLoader worker processes per rank
 
+    # "full": the ID head scores the whole vocabulary (the paper); "corpus": only the genes the corpus holds
+    # (finite median), a much smaller softmax (bench/RESULTS.md, "Pre-training diagnosis").
+    id_head: str = "full"
     mlm_probability: float = 0.15
     mask_ratio: float = 0.8  # of the selected genes, replaced by <mask>
     random_ratio: float = 0.1  # replaced by a random gene of the same species (the rest stay unchanged)
@@ -129,6 +133,8 @@ class PretrainConfig:
             fail(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             fail(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.id_head not in ID_HEADS:
+            fail(f"id_head {self.id_head!r} is not one of {', '.join(ID_HEADS)}")
         if self.decay not in DECAYS:
             fail(f"decay {self.decay!r} is not one of {', '.join(DECAYS)}")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -254,6 +260,17 @@ def distributed_environment() -> Iterator[dict[str, int]]:
 
 # --------------------------------------------------------------------------------------------------------
 # Pieces of the training loop
+
+
+def corpus_gene_tokens(corpus: Any, reference: Any) -> np.ndarray:
+    """Token ids of the genes a corpus holds (those with a finite median: expressed somewhere in it),
+    special tokens excluded: the classes of the ``id_head: corpus`` ID head."""
+    medians = corpus.gene_medians()
+    if medians is None:
+        raise InputError(f"{corpus.path}: the corpus stores no gene medians; id_head: corpus needs them")
+    tokens = np.flatnonzero(np.isfinite(medians))
+    special = [reference.pad_id, reference.mask_id, *reference.species_token_ids.values()]
+    return tokens[~np.isin(tokens, special)].astype(np.int64)
 
 
 def lr_lambda(config: PretrainConfig) -> Callable[[int], float]:
@@ -556,6 +573,7 @@ def _pretrain(
 
         manifest = read_manifest(knowledge_dir) if knowledge_dir is not None else None
         initial = None
+        head_genes = corpus_gene_tokens(corpus, reference) if config.id_head == "corpus" else None
         if init_dir is not None:
             from .run import quiet_transformers
 
@@ -576,6 +594,7 @@ def _pretrain(
                 if manifest
                 else {},
                 knowledge_dir=str(Path(knowledge_dir).resolve()) if knowledge_dir is not None else None,
+                **({"id_head_size": len(head_genes)} if head_genes is not None else {}),
                 **config.model_overrides,
             )
         max_length = config.max_length or model_config.max_sequence_length
@@ -592,6 +611,8 @@ def _pretrain(
             )
         _seed_everything(config.seed)  # identical initial weights on every rank
         model = initial if initial is not None else GeneCompassForPretraining(model_config)
+        if head_genes is not None and initial is None:
+            model.restrict_id_head(head_genes)
         if tables:
             model.attach_knowledge(tables)
         if config.gradient_checkpointing:
