@@ -169,12 +169,32 @@ def run(
         print_json(summary)
         return
     for row in summary["results"]:
-        fdr = "-" if row["fdr"] is None else f"{row['fdr']:.3g}"
-        console.print(
-            f"{row['perturbation']} → {row['state']}: shift {row['mean_shift']:+.3g} (random "
-            f"{row['null_mean_shift']:+.3g}) · FDR {fdr} · {row['n_cells']} cells, {row['n_skipped']} skipped"
-        )
+        console.print(_effect_line(row))
     console.print(f"written: {out}/cells.parquet, summary.json, summary.csv, shifts.png")
+
+
+def _number(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _effect_line(row: dict) -> str:
+    """One effect, its size first: shift [CI], z vs the random genes, share of the source→target distance,
+    FDR, and "not distinguishable from zero" below the noise floor whatever the FDR."""
+    parts = [
+        f"shift {_number(row['mean_shift'], '+.3g')} [95 % CI {_number(row['ci_low'], '+.2g')}, "
+        f"{_number(row['ci_high'], '+.2g')}]",
+        f"z {_number(row['z'], '+.2f')} vs random genes (mean {_number(row['null_mean_shift'], '+.2g')})",
+    ]
+    if row.get("fraction_of_distance") is not None:
+        parts.append(f"{_number(row['fraction_of_distance'], '.2%')} of the source→target distance")
+    elif row.get("distance") is not None:
+        parts.append(f"source→target distance {row['distance']:.2g} is itself below the noise floor")
+    parts.append(f"FDR {_number(row['fdr'], '.3g')}")
+    parts.append(f"{row['n_cells']} cells, {row['n_skipped']} skipped")
+    line = f"{row['perturbation']} → {row['state']}: " + " · ".join(parts)
+    if row["call"] == "not distinguishable from zero":
+        line += f" · [bold]not distinguishable from zero[/] (|shift| < noise floor {row['noise_floor']:.2g})"
+    return line
 
 
 @perturb_app.command("screen")
@@ -273,14 +293,29 @@ def _print_top(table_path: str, targets: list[str], n: int = 10) -> None:
     view.add_column("gene")
     for target in targets:
         view.add_column(f"shift → {target}", justify="right")
+        view.add_column("z", justify="right")
         view.add_column("FDR", justify="right")
+        view.add_column("vs noise floor")
+    below = 0
     for _, row in table.iterrows():
         cells = [f"{row['rank_all_targets']:.0f}", str(row["gene"])]
         for target in targets:
-            fdr = row.get(f"fdr_target:{target}")
-            cells += [f"{row[f'mean_shift_target:{target}']:+.3g}", "-" if pd.isna(fdr) else f"{fdr:.3g}"]
+            fdr, z = row.get(f"fdr_target:{target}"), row.get(f"z_target:{target}")
+            call = row.get(f"call_target:{target}", "")
+            below += call == "not distinguishable from zero"
+            cells += [
+                f"{row[f'mean_shift_target:{target}']:+.3g}",
+                "-" if pd.isna(z) else f"{z:+.2f}",
+                "-" if pd.isna(fdr) else f"{fdr:.3g}",
+                "not distinguishable from zero" if call == "not distinguishable from zero" else "above",
+            ]
         view.add_row(*cells)
     console.print(view)
+    if below:
+        console.print(
+            f"{below} of these effects are below the noise floor (unperturbed cells re-embedded in other "
+            "batches): not distinguishable from zero, whatever the FDR"
+        )
 
 
 @perturb_app.command("merge")

@@ -18,6 +18,13 @@ Cell embeddings are the species token's output (``GeneCompassModel.get_cell_embe
 embedding is the mean over that state's cells. Shift toward target t = cos(perturbed, t) − cos(original, t).
 Unlike the original code (×10,000 value, cuda:1, goal states never wired), the dose is explicit and bounded,
 and every effect is compared with random control genes at the same dose.
+
+A p-value alone misleads here: a shift of 1e-8 can be "significant" against a null of other 1e-8 shifts.
+Every effect therefore also carries its size against the null's spread (``z``), as a share of the
+source→target cosine distance, a seeded bootstrap confidence interval over cells, and a numerical noise
+floor (the same unperturbed cells re-embedded in other batch sizes; never below float32's resolution of a
+cosine): an effect whose |mean shift| is below the floor is called "not distinguishable from zero",
+whatever its p-value.
 """
 
 from __future__ import annotations
@@ -463,6 +470,64 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a @ b) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b), 1e-12)
 
 
+# Cosines of float32 embeddings are not resolved below float32's machine epsilon, whatever re-embedding shows.
+FLOAT32_RESOLUTION = float(np.finfo(np.float32).eps)
+NOT_DISTINGUISHABLE = "not distinguishable from zero"
+ABOVE_NOISE = "above the noise floor"
+N_BOOTSTRAP = 1000  # resamples of the cells for the confidence interval
+CI_LEVEL = 0.95
+
+
+def bootstrap_ci(
+    shifts: np.ndarray, *, seed: int, n_boot: int = N_BOOTSTRAP, level: float = CI_LEVEL
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``shifts`` over cells (seeded); NaNs when empty."""
+    x = np.asarray(shifts, dtype=np.float64)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng([seed, 2])
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def effect_size(
+    shifts: np.ndarray,
+    null_gene_means: np.ndarray,
+    *,
+    distance: float,
+    noise_floor: float,
+    seed: int,
+) -> dict[str, Any]:
+    """The size of one effect (per-cell ``shifts`` toward one state), not only its p-value.
+
+    Returns mean_shift; null_sd (SD of the random genes' mean shifts) and z = (mean − null mean) / null_sd
+    (NaN with fewer than 2 random genes); fraction_of_distance = mean / ``distance`` (the source→target
+    cosine distance; NaN when the distance itself is below the noise floor); ci_low/ci_high (bootstrap over
+    cells); noise_floor; and
+    call: "not distinguishable from zero" when |mean| < noise_floor, else "above the noise floor"."""
+    x = np.asarray(shifts, dtype=np.float64)
+    nulls = np.asarray(null_gene_means, dtype=np.float64)
+    nulls = nulls[~np.isnan(nulls)]
+    mean = float(x.mean()) if len(x) else float("nan")
+    null_sd = float(nulls.std(ddof=1)) if len(nulls) >= 2 else float("nan")
+    z = (mean - float(nulls.mean())) / null_sd if len(nulls) >= 2 and null_sd > 0 else float("nan")
+    low, high = bootstrap_ci(x, seed=seed)
+    above = bool(abs(mean) >= noise_floor) if len(x) else False
+    return {
+        "mean_shift": mean,
+        "null_sd": null_sd,
+        "z": z,
+        # a distance under the noise floor is not resolved: a share of it would only look meaningful
+        "fraction_of_distance": mean / distance if distance > noise_floor else float("nan"),
+        "ci_low": low,
+        "ci_high": high,
+        "noise_floor": float(noise_floor),
+        "call": ABOVE_NOISE if above else NOT_DISTINGUISHABLE,
+    }
+
+
 # ----------------------------------------------------------------------------------- state embeddings
 @dataclass
 class Setup:
@@ -584,6 +649,35 @@ def shift_columns(targets: Sequence[str]) -> list[str]:
     return ["shift_source"] + [f"shift_target:{t}" for t in targets]
 
 
+def state_distances(setup: Setup) -> dict[str, float]:
+    """Per shift column: the source→target cosine distance 1 − cos(source mean, target mean); NaN for the
+    source column (it has no distance of its own)."""
+    out = {"shift_source": float("nan")}
+    for target in setup.targets:
+        cos = _cosine(setup.states["source"][None, :], setup.states[target])[0]
+        out[f"shift_target:{target}"] = float(1.0 - cos)
+    return out
+
+
+def noise_floor(setup: Setup) -> dict[str, float]:
+    """Per shift column: the numerical noise floor of a shift.
+
+    The unperturbed source cells are re-embedded one cell per forward pass and in batches of a quarter of
+    the token budget (other batch compositions and sizes); each cell's "shift" then is pure arithmetic
+    noise. The floor is the largest |shift| seen, and never below float32's resolution of a cosine."""
+    floors = dict.fromkeys(shift_columns(setup.targets), FLOAT32_RESOLUTION)
+    embedder = setup.embedder
+    for max_tokens in (1, max(1, embedder.max_tokens // 4)):
+        other = Embedder(embedder.model, max_tokens=max_tokens, max_length=embedder.max_length)
+        again = other.cell_embeddings(setup.cells, setup.species)
+        for name in ["source", *setup.targets]:
+            column = "shift_source" if name == "source" else f"shift_target:{name}"
+            state = setup.states[name]
+            noise = _cosine(again, state) - _cosine(setup.original, state)
+            floors[column] = max(floors[column], float(np.abs(noise).max()) if len(noise) else 0.0)
+    return floors
+
+
 def expressed_genes(cells: Sequence[Cell], min_fraction: float = 0.1) -> np.ndarray:
     """Tokens present in at least ``min_fraction`` of ``cells`` (at least one cell), sorted."""
     if not cells:
@@ -633,8 +727,14 @@ def run_perturbation(
     perturbation, control, cos_source_before/after, shift_source and, per target t,
     cos_target:t_before/after and
     shift_target:t), ``summary.json`` and ``summary.csv`` (per perturbation and state: n_cells, n_skipped,
-    mean_shift, null_mean_shift, p_value (rank-sum vs the pooled control cells), empirical_p (share of
-    control genes with a mean shift at least as large), fdr (BH over perturbations)), ``shifts.png``, and
+    mean_shift, ci_low/ci_high (95 % bootstrap over cells, seeded), null_mean_shift, null_sd (SD of the
+    control genes' mean shifts), z = (mean_shift − mean of the control genes' means) / null_sd, distance
+    (source→target cosine distance; NaN for the source row), fraction_of_distance = mean_shift / distance
+    (NaN where the distance is below the noise floor: source and target not resolved),
+    noise_floor (see :func:`noise_floor`), call ("not distinguishable from zero" when |mean_shift| is below
+    the noise floor, whatever the p-value), p_value (rank-sum vs the pooled control cells), empirical_p
+    (share of control genes with a mean shift at least as large), fdr (BH over perturbations)),
+    ``shifts.png`` (titled with the genes, the cell groups and n), and
     with ``gene_effects`` (deletions) ``gene_effects.parquet`` (+ a target-vs-rest test in the summary).
     Returns the summary."""
     from .corpus import Corpus
@@ -676,11 +776,20 @@ def run_perturbation(
     columns = shift_columns(setup.targets)
     null_cells = cells[cells["control"]]
     null_means = {c: np.array([f[c].mean() for f in frames[len(perts) :]]) for c in columns}
+    distances = state_distances(setup)
+    floors = noise_floor(setup)
     rows = []
     for pert, frame in zip(perts, frames[: len(perts)], strict=True):
         for column in columns:
             mean = float(frame[column].mean()) if len(frame) else float("nan")
             nulls = null_means[column][~np.isnan(null_means[column])]
+            size = effect_size(
+                frame[column].to_numpy(),
+                nulls,
+                distance=distances[column],
+                noise_floor=floors[column],
+                seed=seed,
+            )
             rows.append(
                 {
                     "perturbation": pert.label,
@@ -688,7 +797,15 @@ def run_perturbation(
                     "n_cells": int(len(frame)),
                     "n_skipped": int(frame.attrs["n_skipped"]),
                     "mean_shift": mean,
+                    "ci_low": size["ci_low"],
+                    "ci_high": size["ci_high"],
                     "null_mean_shift": float(null_cells[column].mean()) if len(null_cells) else float("nan"),
+                    "null_sd": size["null_sd"],
+                    "z": size["z"],
+                    "distance": distances[column],
+                    "fraction_of_distance": size["fraction_of_distance"],
+                    "noise_floor": size["noise_floor"],
+                    "call": size["call"],
                     "p_value": rank_sum_p(frame[column].to_numpy(), null_cells[column].to_numpy()),
                     "empirical_p": float((1 + np.sum(nulls >= mean)) / (1 + len(nulls)))
                     if len(nulls)
@@ -711,6 +828,7 @@ def run_perturbation(
         "n_source_cells": int(len(setup.source_cells)),
         "controls": [symbol(setup.reference, t) for t in controls],
         "seed": seed,
+        "noise_floor": {c.removeprefix("shift_").removeprefix("target:"): v for c, v in floors.items()},
         "results": table.replace({np.nan: None}).to_dict(orient="records"),
         "files": {"cells": "cells.parquet", "summary_csv": "summary.csv", "plot": "shifts.png"},
     }
@@ -722,7 +840,12 @@ def run_perturbation(
             summary["gene_effect_tests"] = target_effect_tests(
                 effects, resolve_targets(effect_targets, setup)
             )
-    plot_shifts(cells, setup.targets, out_dir / "shifts.png", title=perturbation.describe())
+    n_cells = ", ".join(f"{p.label} n={len(f)}" for p, f in zip(perts, frames, strict=False))
+    title = (
+        f"{', '.join(labels)}: {perturbation.describe()} in {source} cells ({n_cells}; "
+        f"{len(controls)} random genes) → {', '.join(targets)}"
+    )
+    plot_shifts(cells, setup.targets, out_dir / "shifts.png", title=title, source=source, noise_floor=floors)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
@@ -739,29 +862,45 @@ def resolve_targets(names: Sequence[str], setup: Setup) -> np.ndarray:
     return np.asarray(sorted(set(tokens)), dtype=np.int64)
 
 
-def plot_shifts(cells: pd.DataFrame, targets: Sequence[str], path: Path, title: str = "") -> None:
-    """Fig. 6b-style: per state, the distribution of per-cell shifts for each perturbation vs the controls."""
+def plot_shifts(
+    cells: pd.DataFrame,
+    targets: Sequence[str],
+    path: Path,
+    title: str = "",
+    *,
+    source: str = "source",
+    noise_floor: dict[str, float] | None = None,
+) -> None:
+    """Fig. 6b-style: per state, the distribution of per-cell shifts for each perturbation vs the controls,
+    each box labelled with its n; the noise floor (when given) is a grey band around zero."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     columns = shift_columns(targets)
-    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns) + 1, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.4 * len(columns) + 1, 4.0), squeeze=False)
     genes = list(dict.fromkeys(cells.loc[~cells["control"], "perturbation"]))
     for ax, column in zip(axes[0], columns, strict=True):
         data = [cells.loc[cells["perturbation"] == g, column].to_numpy() for g in genes]
         data.append(cells.loc[cells["control"], column].to_numpy())
-        names = [*genes, "random"]
+        names = [*genes, "random genes"]
         keep = [i for i, d in enumerate(data) if len(d)]
         if keep:
             ax.boxplot([data[i] for i in keep], showfliers=False)
-            ax.set_xticks(range(1, len(keep) + 1), [names[i] for i in keep], rotation=45, ha="right")
+            labels = [f"{names[i]}\nn={len(data[i])}" for i in keep]
+            ax.set_xticks(range(1, len(keep) + 1), labels, rotation=45, ha="right", fontsize=8)
         ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+        if noise_floor and column in noise_floor:
+            floor = noise_floor[column]
+            ax.axhspan(-floor, floor, color="grey", alpha=0.25, lw=0, label=f"noise floor ±{floor:.2g}")
+            ax.legend(fontsize=7, loc="best")
         state = column.removeprefix("shift_").removeprefix("target:")
-        ax.set_title(f"toward {state}" if column != "shift_source" else "toward source", fontsize=9)
-        ax.set_ylabel("cosine shift")
-    fig.suptitle(title, fontsize=10)
+        ax.set_title(
+            f"toward {state}" if column != "shift_source" else f"toward {source} (source)", fontsize=9
+        )
+        ax.set_ylabel("cosine shift (per cell)")
+    fig.suptitle(title, fontsize=9, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -849,7 +988,7 @@ def target_effect_tests(effects: pd.DataFrame, target_tokens: np.ndarray) -> lis
 
 # ------------------------------------------------------------------------------------------- screening
 SCREEN_FORMAT = "gc-perturb-screen"
-SCREEN_VERSION = 1
+SCREEN_VERSION = 2  # 2: effect sizes, confidence intervals, noise floor
 
 
 @dataclass
@@ -915,10 +1054,22 @@ def _check_screen_dir(out_dir: Path, settings: ScreenSettings, genes: np.ndarray
 
 
 def _screen_rows(
-    setup: Setup, perturbation: Perturbation, tokens: Sequence[int], null_cells: pd.DataFrame | None
+    setup: Setup,
+    perturbation: Perturbation,
+    tokens: Sequence[int],
+    null_cells: pd.DataFrame | None,
+    *,
+    floors: dict[str, float] | None = None,
+    seed: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per-gene rows, per-cell shifts) for candidate ``tokens``."""
+    """(per-gene rows, per-cell shifts) for candidate ``tokens``; with the null, each effect's size too."""
     columns = shift_columns(setup.targets)
+    distances = state_distances(setup)
+    null_gene_means = (
+        {c: null_cells.groupby("token")[c].mean().to_numpy() for c in columns}
+        if null_cells is not None
+        else {}
+    )
     rows, cell_frames = [], []
     for token in tokens:
         frame = shifts(setup, perturbation.with_genes([int(token)], symbol(setup.reference, token)))
@@ -932,6 +1083,20 @@ def _screen_rows(
             name = column.removeprefix("shift_")
             row[f"mean_{column}"] = float(frame[column].mean()) if len(frame) else float("nan")
             if null_cells is not None:
+                size = effect_size(
+                    frame[column].to_numpy(),
+                    null_gene_means[column],
+                    distance=distances[column],
+                    noise_floor=(floors or {}).get(column, FLOAT32_RESOLUTION),
+                    seed=seed,
+                )
+                row[f"ci_low_{column}"] = size["ci_low"]
+                row[f"ci_high_{column}"] = size["ci_high"]
+                row[f"z_{name}"] = size["z"]
+                if column != "shift_source":
+                    row[f"fraction_of_distance_{name}"] = size["fraction_of_distance"]
+                row[f"noise_floor_{name}"] = size["noise_floor"]
+                row[f"call_{name}"] = size["call"]
                 # toward targets: greater; for the source: moving away = a negative shift
                 alternative = "less" if column == "shift_source" else "greater"
                 row[f"p_{name}"] = rank_sum_p(
@@ -961,8 +1126,9 @@ def screen(
     ``(i, n)`` takes candidates ``i, i+n, …``. Results are written in batches of ``settings.batch_genes``
     genes to ``out_dir/batches/shard-i-of-n-batch-BBBBB.parquet`` (temp file + rename); a re-run skips batches
     already written. The null (``null.parquet``, per-cell shifts of ``n_random`` random expressed genes) is
-    computed once. ``stop_after_batches`` stops early (for tests of resumption). When all batches of all
-    shards are present, the merged table is written (see :func:`merge_screen`). Returns a summary."""
+    computed once, and so is the noise floor (``noise_floor.json``, see :func:`noise_floor`).
+    ``stop_after_batches`` stops early (for tests of resumption). When all batches of all shards are present,
+    the merged table is written (see :func:`merge_screen`). Returns a summary."""
     out_dir = Path(out_dir)
     if settings.mode not in ("overexpress", "knockdown"):
         raise InputError(f"screen mode {settings.mode!r} is not overexpress or knockdown")
@@ -1005,6 +1171,14 @@ def screen(
         controls = random_controls(setup, [], settings.n_random, settings.seed)
         _, null_cells = _screen_rows(setup, base, controls, None)
         _atomic_parquet(null_cells, null_path)
+    noise_path = out_dir / "noise_floor.json"  # measured once, so every shard and resumption uses the same
+    if noise_path.is_file():
+        floors = json.loads(noise_path.read_text())
+    else:
+        floors = noise_floor(setup)
+        tmp = noise_path.with_name(f".{noise_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(floors, indent=1))
+        os.replace(tmp, noise_path)
     index, n_shards = shard
     mine = candidates[index::n_shards]
     batches = [mine[s : s + settings.batch_genes] for s in range(0, len(mine), settings.batch_genes)]
@@ -1018,7 +1192,7 @@ def screen(
         else:
             if stop_after_batches is not None and written >= stop_after_batches:
                 break
-            rows, _ = _screen_rows(setup, base, tokens, null_cells)
+            rows, _ = _screen_rows(setup, base, tokens, null_cells, floors=floors, seed=settings.seed)
             _atomic_parquet(rows, path)
             written += 1
         if progress:
@@ -1041,8 +1215,10 @@ def merge_screen(out_dir: str | Path, *, require_complete: bool = True) -> dict:
     """Merge all batch files into ``screen.parquet`` / ``screen.csv``: per gene the mean shift toward each
     target (``mean_shift_target:T``) and of the source (``mean_shift_source``), rank per target (1 = largest
     shift), ``rank_all_targets`` (worst rank over targets: the rankings' intersection), rank away from the
-    source, rank-sum p-values vs the null's cells and BH-FDR per column. Returns {"complete", "genes_done",
-    "table"}; the table is written only when every candidate is done."""
+    source, rank-sum p-values vs the null's cells and BH-FDR per column, and per state the effect's size
+    (:func:`effect_size`): ``ci_low_``/``ci_high_`` + shift column, ``z_``, ``fraction_of_distance_``
+    (targets), ``noise_floor_`` and ``call_`` ("not distinguishable from zero" below the noise floor).
+    Returns {"complete", "genes_done", "table"}; the table is written only when every candidate is done."""
     out_dir = Path(out_dir)
     manifest = out_dir / "screen.json"
     if not manifest.is_file():

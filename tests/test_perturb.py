@@ -104,13 +104,51 @@ def test_bh_fdr_matches_the_textbook_example():
     np.testing.assert_allclose(bh_fdr(p), expected)
 
 
+def test_a_tiny_significant_shift_reads_as_not_distinguishable_from_zero():
+    """The demo's case: a +4.8e-08 shift that beats a null of ~1e-8 shifts (tiny p) is still below the
+    noise floor, so it is reported as not distinguishable from zero, with its size beside it."""
+    from genecompass.perturb import FLOAT32_RESOLUTION, NOT_DISTINGUISHABLE, effect_size, rank_sum_p
+
+    rng = np.random.default_rng(0)
+    shifts = 4.8e-8 + 1e-9 * rng.standard_normal(100)
+    null_cells = 1e-9 * rng.standard_normal(500)
+    assert rank_sum_p(shifts, null_cells) < 1e-10  # "significant"
+    null_genes = 1e-9 * rng.standard_normal(20)
+    size = effect_size(shifts, null_genes, distance=0.02, noise_floor=FLOAT32_RESOLUTION, seed=0)
+    assert size["call"] == NOT_DISTINGUISHABLE
+    assert size["z"] > 10 and size["fraction_of_distance"] == pytest.approx(size["mean_shift"] / 0.02)
+    assert size["ci_low"] < size["mean_shift"] < size["ci_high"]
+
+
+def test_effect_size_of_a_real_shift_and_a_seeded_interval():
+    from genecompass.perturb import ABOVE_NOISE, bootstrap_ci, effect_size
+
+    rng = np.random.default_rng(1)
+    shifts = 0.01 + 0.002 * rng.standard_normal(50)
+    nulls = np.array([0.0, 0.001, -0.001, 0.0005])
+    size = effect_size(shifts, nulls, distance=0.05, noise_floor=1e-6, seed=3)
+    assert size["call"] == ABOVE_NOISE
+    assert size["z"] == pytest.approx((shifts.mean() - nulls.mean()) / nulls.std(ddof=1))
+    assert size["fraction_of_distance"] == pytest.approx(shifts.mean() / 0.05)
+    low, high = size["ci_low"], size["ci_high"]
+    assert low < shifts.mean() < high and high - low < 0.003  # ~ ±1.96 × 0.002/√50
+    assert bootstrap_ci(shifts, seed=3) == (low, high)  # seeded: the same interval again
+    assert bootstrap_ci(shifts, seed=4) != (low, high)
+    # undefined sizes are NaN, never a number that looks meaningful
+    one = effect_size(shifts, nulls[:1], distance=float("nan"), noise_floor=1e-6, seed=0)
+    assert np.isnan(one["z"]) and np.isnan(one["fraction_of_distance"])
+    unresolved = effect_size(shifts, nulls, distance=1e-8, noise_floor=1e-7, seed=0)  # states not resolved
+    assert np.isnan(unresolved["fraction_of_distance"])
+    # a negative shift as large as the floor is above it too: the call is about |shift|
+    assert effect_size(-shifts, nulls, distance=0.05, noise_floor=1e-6, seed=0)["call"] == ABOVE_NOISE
+
+
 def test_unknown_gene_says_so_and_points_to_lookup():
     with pytest.raises(InputError, match=r"unknown gene 'NOTAGENE1'.*gc reference lookup"):
         resolve_genes(["NOTAGENE1"])
     human, mouse, ensembl = resolve_genes(["FCGR3A", "Trp53", "ENSG00000141510"])
     assert mouse == ensembl  # Trp53 shares TP53's token
     assert human > 3
-
 
 
 def test_gene_list_skips_unknown_names_but_not_all_of_them():
@@ -204,7 +242,7 @@ def test_help_has_an_example(command):
 
 def test_gc_perturb_end_to_end(tiny_run, pbmc3k_corpus, tmp_path):
     out = tmp_path / "oe"
-    result = invoke(
+    result_args = (
         "perturb",
         "--model",
         tiny_run,
@@ -229,6 +267,7 @@ def test_gc_perturb_end_to_end(tiny_run, pbmc3k_corpus, tmp_path):
         out,
         "--json",
     )
+    result = invoke(*result_args)
     assert result.exit_code == 0, result.output
     cells = pd.read_parquet(out / "cells.parquet")
     for column in [
@@ -259,6 +298,29 @@ def test_gc_perturb_end_to_end(tiny_run, pbmc3k_corpus, tmp_path):
     assert set(rows["state"]) == {"source", TARGET, "B"} and len(rows) == 6
     assert rows["p_value"].between(0, 1).all() and rows["fdr"].between(0, 1).all()
     assert (rows["fdr"] >= rows["p_value"] - 1e-12).all()
+    # sizes beside the p-values; the call follows the noise floor, whatever the p-value
+    from genecompass.perturb import FLOAT32_RESOLUTION, NOT_DISTINGUISHABLE
+
+    assert (rows["noise_floor"] >= FLOAT32_RESOLUTION).all()
+    below = rows["mean_shift"].abs() < rows["noise_floor"]
+    assert ((rows["call"] == NOT_DISTINGUISHABLE) == below).all()
+    assert ((rows["ci_low"] <= rows["mean_shift"]) & (rows["mean_shift"] <= rows["ci_high"])).all()
+    assert rows["z"].notna().all()
+    target_rows = rows[rows["state"] != "source"]
+    assert (target_rows["distance"] > 0).all()
+    assert rows.loc[rows["state"] == "source", "distance"].isna().all()
+    resolved = target_rows["distance"] > target_rows["noise_floor"]  # else no share of it is given
+    assert target_rows.loc[~resolved, "fraction_of_distance"].isna().all()
+    np.testing.assert_allclose(
+        target_rows.loc[resolved, "fraction_of_distance"],
+        (target_rows["mean_shift"] / target_rows["distance"])[resolved],
+    )
+    assert set(summary["noise_floor"]) == {"source", TARGET, "B"}
+    text = " ".join(invoke(*[a for a in result_args if a != "--json"]).output.split())  # unwrap lines
+    assert "z " in text and "95 % CI" in text and "source→target distance" in text
+    if not resolved.all():
+        assert "is itself below the noise floor" in text
+    assert text.count("not distinguishable from zero") == int(below.sum())
     assert (out / "shifts.png").stat().st_size > 1000
 
 
@@ -391,7 +453,16 @@ def test_screen_resumes_to_the_same_table(encoder, pbmc3k_corpus, tmp_path):
         f"mean_shift_target:{TARGET}",
         f"fdr_target:{TARGET}",
         "rank_away_from_source",
+        f"z_target:{TARGET}",
+        f"ci_low_shift_target:{TARGET}",
+        f"ci_high_shift_target:{TARGET}",
+        f"fraction_of_distance_target:{TARGET}",
+        f"noise_floor_target:{TARGET}",
+        f"call_target:{TARGET}",
+        "call_source",
     ]:
         assert column in reference.columns
+    below = reference[f"mean_shift_target:{TARGET}"].abs() < reference[f"noise_floor_target:{TARGET}"]
+    assert ((reference[f"call_target:{TARGET}"] == "not distinguishable from zero") == below).all()
     with pytest.raises(InputError, match="other settings"):
         screen(encoder, pbmc3k_corpus, tmp_path / "full", settings=settings, genes=genes[:3])
