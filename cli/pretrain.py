@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import typer
@@ -35,6 +36,36 @@ ConfigOption = typer.Option(
 
 def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def step_line(step: int, total: int, metrics: dict, elapsed: float) -> str:
+    """One progress line for logs: step, losses, tokens/s, seconds per step, elapsed and remaining time."""
+    per_step = elapsed / max(step, 1)
+    return (
+        f"pretrain step {step}/{total} · loss {metrics['loss']:.4f} (id {metrics['id_loss']:.4f}, value "
+        f"{metrics['value_loss']:.4f}) · {metrics['tokens_per_s']:,.0f} tokens/s · {per_step:.2f} s/step · "
+        f"{elapsed:.0f} s elapsed, ~{per_step * (total - step):.0f} s left"
+    )
+
+
+def _write_stderr(line: str) -> None:
+    sys.stderr.write(line + "\n")  # unwrapped and flushed at once: a log line per report
+    sys.stderr.flush()
+
+
+def log_lines(every: int, write, clock=None):
+    """The progress callback for a non-interactive stderr (a log, a pipe, a batch job): no bar frames, but
+    one ``write(step_line(...))`` every ``every`` steps and at the last step."""
+    import time
+
+    clock = clock or time.perf_counter
+    start = clock()
+
+    def update(step: int, total: int, metrics: dict) -> None:
+        if step % every == 0 or step == total:
+            write(step_line(step, total, metrics, clock() - start))
+
+    return update
 
 
 def pretrain(
@@ -107,6 +138,7 @@ def pretrain(
     from genecompass.train import pretrain as run_pretraining
 
     is_main = _rank() == 0
+    interactive = err_console.is_terminal
     with Progress(
         TextColumn("[bold]pretrain"),
         BarColumn(),
@@ -115,11 +147,11 @@ def pretrain(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,
-        disable=not is_main,
+        disable=not (is_main and interactive),
     ) as bar:
         task = bar.add_task("pretrain", total=settings.max_steps, loss="-", rate="-")
 
-        def update(step: int, total: int, metrics: dict) -> None:
+        def draw(step: int, total: int, metrics: dict) -> None:
             bar.update(
                 task,
                 completed=step,
@@ -127,6 +159,9 @@ def pretrain(
                 loss=f"{metrics['loss']:.4f}",
                 rate=f"{metrics['tokens_per_s']:,.0f}",
             )
+
+        # In a log (stderr not a terminal) a line every log_every steps instead of bar frames.
+        update = draw if interactive else log_lines(settings.log_every, _write_stderr)
 
         summary = run_pretraining(
             corpus,

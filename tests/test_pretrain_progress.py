@@ -1,0 +1,26 @@
+"""`gc pretrain` in a non-interactive log (a batch job, `make demo > log`): a progress line every N steps."""
+
+from __future__ import annotations
+
+from cli.pretrain import log_lines, step_line
+
+
+def metrics(step: int) -> dict:
+    return {"loss": 10.0 / step, "id_loss": 9.0 / step, "value_loss": 1.0 / step, "tokens_per_s": 12345.6}
+
+
+def test_a_line_every_n_steps_and_at_the_last():
+    lines: list[str] = []
+    ticks = iter(range(100))  # the clock: one second per call
+    update = log_lines(10, lines.append, clock=lambda: float(next(ticks)))
+    for step in range(1, 26):
+        update(step, 25, metrics(step))
+    assert [line.split()[2] for line in lines] == ["10/25", "20/25", "25/25"]
+    assert "loss 1.0000 (id 0.9000, value 0.1000)" in lines[0] and "12,346 tokens/s" in lines[0]
+    assert "s/step" in lines[0] and "s left" in lines[0]
+
+
+def test_step_line_reports_time_per_step_and_what_is_left():
+    line = step_line(20, 100, metrics(20), elapsed=40.0)
+    assert line.startswith("pretrain step 20/100 · loss 0.5000")
+    assert "2.00 s/step" in line and "40 s elapsed, ~160 s left" in line and "\n" not in line
