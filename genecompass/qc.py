@@ -262,7 +262,36 @@ def load_qc_masks(
     return masks
 
 
+def cutoffs(metrics: pd.DataFrame, params: QcParams) -> dict[str, list[tuple[float, str]]]:
+    """Every threshold ``apply_filters`` uses on one file's cells, as (value, label) per metric column,
+    the mean ± k·SD (paper) and |z| (original) cut-offs included, in the metric's own units."""
+    lines: dict[str, list[tuple[float, str]]] = {c: [] for c in PLOT_COLUMNS}
+
+    def around(column: str, values: np.ndarray, k: float, label: str) -> None:
+        if len(values) and values.std() > 0:
+            mean, sd = float(values.mean()), float(values.std())
+            lines[column] += [(mean - k * sd, f"{label} − {k:g} SD"), (mean + k * sd, f"{label} + {k:g} SD")]
+
+    if params.mode == "paper":
+        lines["n_genes"].append((params.min_genes, f"min {params.min_genes} genes"))
+        lines["n_coding_genes"].append((params.min_coding_genes, f"min {params.min_coding_genes}"))
+        lines["mito_fraction"].append((params.max_mito_fraction, f"max {params.max_mito_fraction:g}"))
+        around("n_genes", metrics["n_genes"].to_numpy(float), params.gene_count_sd, "mean")
+    else:
+        total = metrics["total_counts"].to_numpy(float)
+        nonzero = total > 0
+        lines["n_coding_genes"].append((6.5, "more than 6"))
+        around("total_counts", total[nonzero], params.zscore, "mean")
+        around("mito_fraction", metrics["mito_fraction"].to_numpy(float)[nonzero], params.zscore, "mean")
+    return lines
+
+
+PLOT_COLUMNS = ("n_genes", "n_coding_genes", "total_counts", "mito_fraction")
+
+
 def plot_qc(report: QcReport, path: Path) -> None:
+    """Histograms of the QC metrics (passed and removed cells stacked, log y) with every threshold drawn:
+    fixed limits dashed, per-file mean ± k·SD (or |z|) cut-offs dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,14 +299,9 @@ def plot_qc(report: QcReport, path: Path) -> None:
 
     metrics = pd.concat([f.metrics for f in report.files], ignore_index=True)
     p = report.params
-    panels = [
-        ("n_genes", p.min_genes if p.mode == "paper" else None),
-        ("n_coding_genes", p.min_coding_genes if p.mode == "paper" else 7),
-        ("total_counts", None),
-        ("mito_fraction", p.max_mito_fraction if p.mode == "paper" else None),
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (column, threshold) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(PLOT_COLUMNS), figsize=(4.2 * len(PLOT_COLUMNS), 3.6))
+    per_file = [cutoffs(f.metrics, p) for f in report.files]
+    for ax, column in zip(axes, PLOT_COLUMNS, strict=True):
         values = metrics[column].to_numpy(float)
         ax.hist(
             [values[metrics["passed"]], values[~metrics["passed"]]],
@@ -286,12 +310,24 @@ def plot_qc(report: QcReport, path: Path) -> None:
             label=["passed", "removed"],
             color=["#4c72b0", "#dd8452"],
         )
-        if threshold is not None:
-            ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
+        ax.set_yscale("log")
+        drawn: set[str] = set()
+        for lines in per_file:
+            for value, label in lines[column]:
+                style = ":" if "SD" in label else "--"
+                ax.axvline(
+                    value,
+                    color="black",
+                    linestyle=style,
+                    linewidth=1,
+                    label=None if label in drawn else label,
+                )
+                drawn.add(label)
         ax.set_xlabel(column)
-    axes[0].set_ylabel("cells")
-    axes[0].legend()
-    fig.suptitle(f"gc qc ({p.mode} filters): {int(metrics['passed'].sum())}/{len(metrics)} cells pass")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("cells (log scale)")
+    files = f" · {len(report.files)} files (SD cut-offs per file)" if len(report.files) > 1 else ""
+    fig.suptitle(f"gc qc ({p.mode} filters): {int(metrics['passed'].sum())}/{len(metrics)} cells pass{files}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

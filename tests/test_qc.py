@@ -79,3 +79,21 @@ def test_report_is_written_and_reloaded(pbmc_qc, pbmc3k_path, tmp_path):
 def test_bad_mode_is_rejected():
     with pytest.raises(InputError, match="mode"):
         QcParams(mode="strict")
+
+
+def test_plot_draws_every_threshold_where_the_filters_cut(pbmc_qc, tmp_path):
+    from genecompass.qc import cutoffs, plot_qc
+
+    metrics = pbmc_qc.files[0].metrics
+    lines = cutoffs(metrics, QcParams())
+    assert [v for v, _ in lines["n_genes"]][0] == 200 and lines["mito_fraction"] == [(0.15, "max 0.15")]
+    low, high = sorted(v for v, label in lines["n_genes"] if "SD" in label)
+    beyond = (metrics["n_genes"] < low) | (metrics["n_genes"] > high)
+    _, _, removed = apply_filters(
+        metrics.assign(mito_fraction=0.0, n_coding_genes=10**6), QcParams(min_genes=0)
+    )
+    assert removed["n_genes beyond mean ± 3.0 SD"] == int(beyond.sum())  # the drawn lines are the cut
+    original = cutoffs(metrics, QcParams(mode="original"))
+    assert len(original["total_counts"]) == 2 and len(original["mito_fraction"]) == 2
+    plot_qc(pbmc_qc, tmp_path / "qc.png")
+    assert (tmp_path / "qc.png").stat().st_size > 10_000
