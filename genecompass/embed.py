@@ -607,10 +607,26 @@ def write_zarr_atomic(adata, out: Path) -> Path:
 UMAP_MIN_CELLS = 30  # below this a 15-neighbour graph says little; the plot falls back to PCA
 
 
+def provenance_caption(provenance: dict | None) -> str:
+    """One line naming the model an embedding came from (``uns["genecompass"]``), for a plot's footer."""
+    if not provenance:
+        return "model: unknown (no uns['genecompass'] provenance)"
+
+    def short(value) -> str:
+        return str(value)[:12] if value else "?"
+
+    return (
+        f"model: {provenance.get('run', '?')} · reference {short(provenance.get('reference_hash'))} · "
+        f"medians {short(provenance.get('medians_hash'))} · pool {provenance.get('pool', '?')} · "
+        f"max_length {provenance.get('max_length', '?')}"
+    )
+
+
 def plot_embedding(adata, key: str | None, path: str | Path, *, basis: str = EMBEDDING_KEY) -> str:
     """Scatter plot of the embedding coloured by ``obs[key]``: UMAP (umap-learn, seeded, 15 neighbours) when
     umap-learn is installed (the ``train`` extra) and there are enough cells, else the first two principal
-    components (NumPy SVD). Returns the method used ("umap" or "pca")."""
+    components (NumPy SVD). The legend is titled with ``key``; the footer names the model (provenance in
+    ``uns["genecompass"]``). Returns the method used ("umap" or "pca")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -644,11 +660,12 @@ def plot_embedding(adata, key: str | None, path: str | Path, *, basis: str = EMB
         for label in sorted(set(labels)):
             chosen = labels == label
             ax.scatter(xy[chosen, 0], xy[chosen, 1], s=3, label=f"{label} ({chosen.sum()})")
-        ax.legend(markerscale=4, fontsize=7, loc="best")
+        ax.legend(markerscale=4, fontsize=7, loc="best", title=f"{key} (cells)", title_fontsize=8)
     ax.set_xlabel(f"{method.upper()} 1")
     ax.set_ylabel(f"{method.upper()} 2")
-    ax.set_title(f"GeneCompass cell embeddings ({method.upper()})")
-    fig.tight_layout()
+    ax.set_title(f"GeneCompass cell embeddings ({method.upper()}, {len(x):,} cells)", fontsize=10)
+    fig.text(0.01, 0.005, provenance_caption(adata.uns.get("genecompass")), fontsize=6.5, color="#555555")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return method

@@ -410,8 +410,17 @@ def read_log(path: str | Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
-def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> None:
-    """Total, ID and value loss against step (matplotlib, Agg backend)."""
+def plot_loss_curve(
+    log_path: str | Path,
+    png_path: str | Path,
+    *,
+    id_weight: float | None = None,
+    value_weight: float | None = None,
+    title: str = "GeneCompass pre-training",
+) -> None:
+    """ID loss (cross-entropy over the vocabulary) and value loss (MSE of the masked values) against step,
+    each on its own axis: their scales differ by orders of magnitude. The title states how they are
+    weighted into the total that is optimised (matplotlib, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -419,13 +428,23 @@ def plot_loss_curve(log_path: str | Path, png_path: str | Path) -> None:
 
     rows = read_log(log_path)
     steps = [r["step"] for r in rows]
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "id_loss", "value_loss"):
-        axis.plot(steps, [r[key] for r in rows], label=key)
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss")
-    axis.set_title("GeneCompass pre-training")
-    axis.legend()
+    figure, (id_axis, value_axis) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    id_axis.plot(steps, [r["id_loss"] for r in rows], color="#4c72b0", marker=".")
+    id_axis.set_ylabel("ID loss (cross-entropy)")
+    id_axis.set_title("gene-ID prediction", fontsize=10)
+    value_axis.plot(steps, [r["value_loss"] for r in rows], color="#dd8452", marker=".")
+    value_axis.set_ylabel("value loss (MSE)")
+    value_axis.set_title("expression-value prediction", fontsize=10)
+    for axis in (id_axis, value_axis):
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    if id_weight is not None and value_weight is not None:
+        last = rows[-1] if rows else None
+        total = f"; last total {last['loss']:.4g}" if last else ""
+        weighting = f"loss = {id_weight:g} × ID loss + {value_weight:g} × value loss{total}"
+    else:
+        weighting = "loss = weighted sum of ID and value loss (weights in the model config)"
+    figure.suptitle(f"{title}\n{weighting}", fontsize=10)
     figure.tight_layout()
     figure.savefig(png_path, dpi=120)
     plt.close(figure)
@@ -761,7 +780,12 @@ def _pretrain(
         )
         if is_main:
             log.close()
-            plot_loss_curve(out_dir / "train_log.csv", out_dir / "loss_curve.png")
+            plot_loss_curve(
+                out_dir / "train_log.csv",
+                out_dir / "loss_curve.png",
+                id_weight=model_config.id_loss_weight,
+                value_weight=model_config.value_loss_weight,
+            )
         dist.barrier()
         return {
             "steps": step,
