@@ -59,6 +59,28 @@ _VERSION_SUFFIX_RE = r"(?:\.\d+)?(?:_PAR_Y)?$"
 _ENSEMBL_FRACTION = 0.5
 _SYMBOL_FRACTION = 0.2
 
+# NCBI-style names of the mitochondrially encoded genes, as some labs' files carry them (no "MT-" prefix;
+# e.g. scirpy's wu2020 data), and the GENCODE symbols they stand for. Applied after every other rule and only
+# where the name resolves to no gene of that species: the bundle (and its hash) is not touched. In mouse,
+# ND2-ND6, ATP6 and ATP8 already resolve (case-insensitively) to nuclear genes and so keep doing so.
+_MITO_PARTS = ("CO1", "CO2", "CO3", "ND1", "ND2", "ND3", "ND4", "ND4L", "ND5", "ND6", "ATP6", "ATP8")
+NCBI_MITO_NAMES: dict[str, dict[str, str]] = {
+    "human": {
+        **{f"COX{i}": f"MT-CO{i}" for i in (1, 2, 3)},
+        **{part: f"MT-{part}" for part in _MITO_PARTS if not part.startswith("CO")},
+        "CYTB": "MT-CYB",
+        "RNR1": "MT-RNR1",
+        "RNR2": "MT-RNR2",
+    },
+    "mouse": {
+        **{f"COX{i}": f"mt-Co{i}" for i in (1, 2, 3)},
+        **{part: f"mt-{part.capitalize()}" for part in _MITO_PARTS if not part.startswith("CO")},
+        "CYTB": "mt-Cytb",
+        "RNR1": "mt-Rnr1",
+        "RNR2": "mt-Rnr2",
+    },
+}
+
 
 @dataclass(frozen=True)
 class GeneRecord:
@@ -327,7 +349,8 @@ class GeneReference:
 
         Tiers, the first that matches wins (across both species when ``species`` is None): Ensembl ID;
         exact official symbol (all genes that carry it, the primary one first); case-insensitive symbol;
-        alias (case-insensitive). Returns [] when nothing matches."""
+        alias (case-insensitive); an NCBI-style mitochondrial name (COX1, ND4L, CYTB, ...:
+        ``NCBI_MITO_NAMES``). Returns [] when nothing matches."""
         species_list = SPECIES if species is None else (_check_species(species),)
         q = str(query).strip()
         if not q:
@@ -348,7 +371,12 @@ class GeneReference:
             found = [self._record(gid, sp) for sp in species_list for gid in tier(sp)]
             if found:
                 return found
-        return []
+        found = []
+        for sp in species_list:  # last: an NCBI-style chrM name (COX1, CYTB, ...)
+            name = NCBI_MITO_NAMES[sp].get(q.upper())
+            if name and (gid := self._symbols[sp]["exact"].get(name)):
+                found.append(self._record(gid, sp))
+        return found
 
     def _resolve_symbol(self, symbol: str, species: str) -> str | None:
         s = str(symbol).strip()
@@ -360,11 +388,16 @@ class GeneReference:
         gid = self._aliases[species]["upper"].get(key)
         if gid is not None:
             return gid
-        return syms["upper"].get(key)  # unique case-insensitive match only
+        gid = syms["upper"].get(key)  # unique case-insensitive match only
+        if gid is not None:
+            return gid
+        mito = NCBI_MITO_NAMES[species].get(key)  # last: never shadows a gene the name already names
+        return syms["exact"].get(mito) if mito is not None else None
 
     def gene_ids_for_symbols(self, symbols: Sequence[str], species: str) -> list[str | None]:
         """Ensembl IDs for symbols: exact official symbol, then alias, then a case-insensitive symbol
-        match (only if unique); None where unmapped."""
+        match (only if unique), then an NCBI-style mitochondrial name (``NCBI_MITO_NAMES``: COX1 → MT-CO1,
+        CYTB → MT-CYB, ...); None where unmapped."""
         _check_species(species)
         return [self._resolve_symbol(s, species) for s in symbols]
 

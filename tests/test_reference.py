@@ -269,3 +269,40 @@ def test_detect_gene_ids_edge_cases(ref):
     assert detect_gene_ids(["x", "y", "z", "w", "v", "u", "TP53"], ref) == ("symbol", None)  # < 20 %
     assert detect_gene_ids([], ref) == ("symbol", None)
     assert detect_gene_ids(["ENSGXXXXXX"] * 3, ref) == ("symbol", None)  # the 10x v2 fixture's fake IDs
+
+
+MITO_NCBI = ["COX1", "COX2", "COX3", "ND1", "ND2", "ND3", "ND4", "ND4L", "ND5", "ND6", "ATP6", "ATP8", "CYTB",
+             "RNR1", "RNR2"]  # as in scirpy's wu2020 file: no MT- prefix
+
+
+def test_ncbi_style_mitochondrial_names_map_to_the_mt_genes(ref):
+    ids = ref.gene_ids_for_symbols(MITO_NCBI, "human")
+    assert ids == ref.gene_ids_for_symbols(
+        ["MT-CO1", "MT-CO2", "MT-CO3", "MT-ND1", "MT-ND2", "MT-ND3", "MT-ND4", "MT-ND4L", "MT-ND5", "MT-ND6",
+         "MT-ATP6", "MT-ATP8", "MT-CYB", "MT-RNR1", "MT-RNR2"], "human")
+    assert ref.mito_mask_for_ids(ids, "human").all()
+    assert ref.lookup("cytb", "human")[0].symbol == "MT-CYB"
+    mouse = dict(zip(MITO_NCBI, ref.gene_ids_for_symbols(MITO_NCBI, "mouse"), strict=True))
+    assert mouse["COX1"] == ref.lookup("mt-Co1", "mouse")[0].gene_id
+    assert mouse["CYTB"] == ref.lookup("mt-Cytb", "mouse")[0].gene_id
+    # a name that already names another gene of the species keeps it: mouse ND2 is not mt-Nd2
+    assert mouse["ND2"] == ref.gene_ids_for_symbols(["Nd2"], "mouse")[0] != ref.lookup("mt-Nd2")[0].gene_id
+
+
+def test_gc_qc_counts_ncbi_style_mitochondrial_names(tmp_path):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from genecompass.qc import run_qc
+
+    nuclear = ["ACTB", "GAPDH", "CD3E", "CD14", "LYZ", "MS4A1", "NKG7", "B2M", "MALAT1", "FTL", "TMSB4X",
+               "EEF1A1", "RPL13", "RPS27", "S100A9", "HLA-DRA", "CST3", "TPT1", "FTH1", "CD74"]
+    names = nuclear + MITO_NCBI
+    counts = np.ones((6, len(names)), dtype=np.float32)
+    counts[:, len(nuclear):] = 2.0  # 30 of 50 counts on chrM per cell
+    adata = ad.AnnData(sp.csr_matrix(counts))
+    adata.var_names = names
+    adata.obs_names = [f"cell{i}" for i in range(6)]
+    adata.write_h5ad(tmp_path / "ncbi_mito.h5ad")
+    metrics = run_qc([tmp_path / "ncbi_mito.h5ad"]).files[0].metrics
+    np.testing.assert_allclose(metrics["mito_fraction"], 30 / 50)
