@@ -888,7 +888,9 @@ def plot_shifts(
         keep = [i for i, d in enumerate(data) if len(d)]
         if keep:
             ax.boxplot([data[i] for i in keep], showfliers=False)
-            labels = [f"{names[i]}\nn={len(data[i])}" for i in keep]
+            n_random = cells.loc[cells["control"], "perturbation"].nunique()
+            names[-1] = f"{n_random} random genes"  # the pooled null: cells of every random gene
+            labels = [f"{names[i]}\nn={len(data[i])} cells" for i in keep]
             ax.set_xticks(range(1, len(keep) + 1), labels, rotation=45, ha="right", fontsize=8)
         ax.axhline(0.0, color="grey", lw=0.8, ls="--")
         if noise_floor and column in noise_floor:
