@@ -38,13 +38,13 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def step_line(step: int, total: int, metrics: dict, elapsed: float) -> str:
-    """One progress line for logs: step, losses, tokens/s, seconds per step, elapsed and remaining time."""
-    per_step = elapsed / max(step, 1)
+def step_line(step: int, total: int, metrics: dict, per_step: float, elapsed: float) -> str:
+    """One progress line for logs: step, losses, tokens/s, seconds per step (over the steps since the last
+    line), time since the command started (setup included) and the time the remaining steps will take."""
     return (
         f"pretrain step {step}/{total} · loss {metrics['loss']:.4f} (id {metrics['id_loss']:.4f}, value "
         f"{metrics['value_loss']:.4f}) · {metrics['tokens_per_s']:,.0f} tokens/s · {per_step:.2f} s/step · "
-        f"{elapsed:.0f} s elapsed, ~{per_step * (total - step):.0f} s left"
+        f"{elapsed:.0f} s since start, ~{per_step * (total - step):.0f} s left"
     )
 
 
@@ -55,15 +55,25 @@ def _write_stderr(line: str) -> None:
 
 def log_lines(every: int, write, clock=None):
     """The progress callback for a non-interactive stderr (a log, a pipe, a batch job): no bar frames, but
-    one ``write(step_line(...))`` every ``every`` steps and at the last step."""
+    one ``write(step_line(...))`` every ``every`` steps and at the last step. Seconds per step are timed
+    from the first step reported, so setup (DeepSpeed's op build, data loading) does not count as steps."""
     import time
 
     clock = clock or time.perf_counter
     start = clock()
+    window: list[float] = []  # [time, step] of the previous report (or of the first step)
 
     def update(step: int, total: int, metrics: dict) -> None:
+        now = clock()
+        if not window:
+            window[:] = [now, step]
+            if step != total and step % every != 0:
+                return
         if step % every == 0 or step == total:
-            write(step_line(step, total, metrics, clock() - start))
+            steps = step - window[1]
+            per_step = (now - window[0]) / steps if steps > 0 else now - start
+            write(step_line(step, total, metrics, per_step, now - start))
+            window[:] = [now, step]
 
     return update
 
