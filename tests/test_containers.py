@@ -184,7 +184,7 @@ def test_sbatch_recipes_cover_the_three_launch_modes():
     texts = {p.name: p.read_text() for p in SBATCH}
     ds = texts["pretrain-deepspeed.sbatch"]
     assert 'scontrol show hostnames "${SLURM_JOB_NODELIST}"' in ds
-    assert 'slots=${GPUS_PER_NODE}' in ds and "--hostfile /job/hostfile" in ds
+    assert 'slots=${GPUS_PER_NODE}' in ds and '--hostfile "${JOB}/hostfile"' in ds
     assert "--no_local_rank" in ds  # gc reads LOCAL_RANK; an appended --local_rank=N would be rejected
     tr = texts["pretrain-torchrun.sbatch"]
     assert "--rdzv-backend c10d" in tr and "#SBATCH --ntasks-per-node=1" in tr
@@ -195,15 +195,15 @@ def test_sbatch_recipes_cover_the_three_launch_modes():
 
 @pytest.mark.parametrize(
     ("script", "launcher", "until"),
-    [("pretrain-deepspeed.sbatch", "deepspeed", "/opt/gc/venv/bin/gc"),
-     ("pretrain-torchrun.sbatch", "torchrun", "--no-python gc")],
+    [("pretrain-deepspeed.sbatch", "deepspeed", "--no_local_rank)"),
+     ("pretrain-torchrun.sbatch", "torchrun", '--no-python "${GC_BIN}"')],
 )
 def test_sbatch_launcher_options_exist(script, launcher, until):
     exe = shutil.which(launcher) or VENV_BIN / launcher
     if not Path(exe).exists():
         pytest.skip(f"{launcher} is not installed (the [train] extra)")
     text = (CONTAINERS / "slurm" / script).read_text()
-    start = text.index(f"    {launcher} ")
+    start = text.index(f" {launcher} --")
     block = text[start:text.index(until, start) + len(until)]
     flags = set(LAUNCHER_FLAG.findall(block))
     assert flags
