@@ -1,6 +1,6 @@
 """`gc bench annotate` (fine-tuned GeneCompass beside a no-pre-training control and two baselines),
 `gc bench embed` (zero-shot cell embeddings beside an untrained copy, PCA and scVI) and `model_init`
-(`gc model init`: an untrained run, registered into the `model` group)."""
+(`gc model init`: an untrained run; cli/model.py registers it in the `model` group)."""
 
 from __future__ import annotations
 
@@ -185,9 +185,3 @@ def model_init(
 
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")
-    # `gc model init` lives here until the `model` group's own module registers it.
-    for group in app.registered_groups:
-        if group.name == "model" and group.typer_instance is not None:
-            commands = group.typer_instance.registered_commands
-            if not any(c.name == "init" for c in commands):
-                group.typer_instance.command("init")(model_init)

@@ -86,8 +86,10 @@ def export(
 
 
 def register(app: typer.Typer) -> None:
-    """Adds `import` and `export` to the `gc model` group that `pretrain` registers."""
+    """Adds `init`, `import` and `export` to the `gc model` group that `pretrain` registers."""
+    from .bench import model_init
     from .pretrain import model_app
 
+    model_app.command("init")(model_init)
     model_app.add_typer(import_app, name="import")
     model_app.command("export")(export)

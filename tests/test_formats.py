@@ -326,7 +326,7 @@ def test_every_command_accepts_an_imported_run(pbmc3k_adata, tmp_path):
     """tokenize, embed, finetune celltype, predict, perturb run and screen, grn infer, gene-class and
     continued pre-training on an imported run, through the CLI, on real PBMC3k cells."""
     cells = pbmc3k_adata[pbmc3k_adata.obs["cell_type"].isin(["CD14 Monocytes", "FCGR3A Monocytes"])]
-    cells = cells[:120]
+    cells = cells[:60]
     expressed = np.asarray((cells.X > 0).sum(0)).ravel()
     order = np.argsort(-expressed)
     cells = cells[:, order[:1200]].copy()  # half of these genes are in the vocabulary
