@@ -46,9 +46,14 @@ demo: setup
 		--max-cells 50 --n-random 5 --out $(DEMO)/screen
 	@echo "plots: $(DEMO)/pbmc3k_embedded.png $(DEMO)/perturb/*.png; screen ranking: $(DEMO)/screen/screen.csv"
 
-# shellcheck lints the container scripts (tests/test_containers.py); Debian's package, installed once.
+# Debian's packages, installed once (as root): shellcheck lints the container scripts (tests/test_containers.py);
+# slurm-wlm and munge give tests/test_slurm.py a real localhost SLURM (its fixture starts and stops the daemons).
+SYSTEM_PACKAGES := shellcheck slurm-wlm munge
 system-deps:
-	command -v shellcheck >/dev/null || { apt-get update -qq && apt-get install -y -qq shellcheck; }
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
 
 lint: setup
 	cargo fmt --all --check
