@@ -34,7 +34,6 @@ demo: setup
 	$(GC) model info --config tiny --knowledge $(DEMO)/knowledge
 	$(GC) pretrain $(DEMO)/pbmc3k.zarr --config tiny --knowledge $(DEMO)/knowledge \
 		--max-steps 100 --out $(DEMO)/run
-	@echo "loss curve: $(DEMO)/run/loss_curve.png"
 	$(GC) embed --model $(DEMO)/run data/pbmc3k.h5ad --out $(DEMO)/pbmc3k_embedded.h5ad --plot cell_type
 	$(GC) bench annotate data/pbmc3k.h5ad --model $(DEMO)/run --rows pretrained,hvg-lr --epochs 3 \
 		--max-length 129 --out $(DEMO)/annotate
@@ -44,7 +43,10 @@ demo: setup
 	$(GC) perturb screen --model $(DEMO)/run $(DEMO)/pbmc3k.zarr --cells-key cell_type \
 		--source 'CD14 Monocytes' --target 'FCGR3A Monocytes' --genes data/demo_screen_genes.txt \
 		--max-cells 50 --n-random 5 --out $(DEMO)/screen
-	@echo "plots: $(DEMO)/pbmc3k_embedded.png $(DEMO)/perturb/*.png; screen ranking: $(DEMO)/screen/screen.csv"
+	@echo "plots: $(DEMO)/qc/qc.png $(DEMO)/run/loss_curve.png $(DEMO)/pbmc3k_embedded.png" \
+		"$(DEMO)/perturb/shifts.png; screen ranking: $(DEMO)/screen/screen.csv"
+	@for f in $(DEMO)/qc/qc.png $(DEMO)/run/loss_curve.png $(DEMO)/pbmc3k_embedded.png \
+		$(DEMO)/perturb/shifts.png; do test -s $$f || { echo "missing plot: $$f"; exit 1; }; done
 
 # Debian's packages, installed once (as root): shellcheck lints the container scripts (tests/test_containers.py);
 # slurm-wlm and munge give tests/test_slurm.py a real localhost SLURM (its fixture starts and stops the daemons).
