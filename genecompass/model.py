@@ -48,6 +48,7 @@ SPECIES_EMBEDDINGS = ("token", "prepended")
 FUSION_ACTIVATIONS = ("gelu", "quick_gelu")
 KNOWLEDGE_LOOKUPS = ("token", "homologous")
 
+
 class GeneCompassConfig(PretrainedConfig):
     """Everything needed to rebuild a GeneCompass model (and its heads) from ``config.json``."""
 
