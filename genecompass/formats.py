@@ -558,16 +558,13 @@ def import_genecompass(
 
     from .knowledge import read_manifest, write_knowledge_table
     from .medians import Medians
-    from .model import (
-        KNOWLEDGE_BESIDE_WEIGHTS,
-        REFERENCE_BESIDE_WEIGHTS,
-        GeneCompassConfig,
-        GeneCompassForPretraining,
-    )
+    from .model import GeneCompassConfig, GeneCompassForPretraining
     from .run import (
         FORMAT_NAME,
         FORMAT_VERSION,
+        KNOWLEDGE_BESIDE_WEIGHTS,
         MEDIANS_FILE,
+        REFERENCE_BESIDE_WEIGHTS,
         RUN_INFO,
         quiet_transformers,
         write_json_atomic,
@@ -698,8 +695,8 @@ def export_genecompass(run: str | Path, out: str | Path, *, overwrite: bool = Fa
 
     import torch
 
-    from .model import REFERENCE_BESIDE_WEIGHTS, GeneCompassForPretraining
-    from .run import quiet_transformers, run_reference
+    from .model import GeneCompassForPretraining
+    from .run import REFERENCE_BESIDE_WEIGHTS, quiet_transformers, run_reference
 
     if not (model_dir / REFERENCE_BESIDE_WEIGHTS).is_dir():
         raise FormatError(f"{model_dir}: no {REFERENCE_BESIDE_WEIGHTS}/ bundle (the checkpoint vocabulary); "

@@ -38,9 +38,8 @@ from transformers.utils import ModelOutput
 from .configs import MODEL_PRESETS
 from .errors import FormatError, InputError, ReferenceMismatchError
 from .knowledge import KNOWLEDGE_TABLES, MANIFEST_NAME, load_knowledge
+from .run import KNOWLEDGE_BESIDE_WEIGHTS, REFERENCE_BESIDE_WEIGHTS
 
-KNOWLEDGE_BESIDE_WEIGHTS = "knowledge"  # an imported run's tables and gene reference live beside its weights
-REFERENCE_BESIDE_WEIGHTS = "reference"
 IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch's cross-entropy default)
 VALUE_ENCODINGS = ("mlp", "scalar")
 CELL_EMBEDDINGS = ("species", "mean")

@@ -25,7 +25,10 @@ logger = logging.getLogger(__name__)
 
 RUN_INFO = "gc_run.json"
 MEDIANS_FILE = "medians.tsv"
-RUN_REFERENCE = "reference"  # an imported run's own gene reference bundle (model.REFERENCE_BESIDE_WEIGHTS)
+# An imported run keeps its own gene reference bundle (its checkpoint's vocabulary) and knowledge tables
+# beside its weights; fine-tuned copies carry them along (GeneCompassPreTrainedModel.save_pretrained).
+REFERENCE_BESIDE_WEIGHTS = "reference"
+KNOWLEDGE_BESIDE_WEIGHTS = "knowledge"
 FORMAT_NAME = "gc-run"
 FORMAT_VERSION = 1
 
@@ -128,7 +131,7 @@ def run_reference(path: str | Path):
     from .reference import load_reference
 
     model_dir = model_dir_of(path)
-    own = model_dir / RUN_REFERENCE
+    own = model_dir / REFERENCE_BESIDE_WEIGHTS
     return load_reference(own) if (own / "manifest.json").is_file() else load_reference()
 
 
@@ -165,7 +168,7 @@ def model_reference(model):
     wanted = model.config.reference_hash
     if wanted in ("", installed.hash):
         return installed
-    own = Path(getattr(model, "name_or_path", "") or ".") / RUN_REFERENCE
+    own = Path(getattr(model, "name_or_path", "") or ".") / REFERENCE_BESIDE_WEIGHTS
     if (own / "manifest.json").is_file():
         reference = load_reference(own)
         if reference.hash == wanted:

@@ -526,8 +526,7 @@ def _pretrain(
     corpus = Corpus.open(corpus_path)
     init_dir = None
     if init_from is not None:
-        from .model import KNOWLEDGE_BESIDE_WEIGHTS
-        from .run import model_dir_of, run_reference
+        from .run import KNOWLEDGE_BESIDE_WEIGHTS, model_dir_of, run_reference
 
         init_dir = model_dir_of(init_from)
         reference = reference or run_reference(init_dir)
