@@ -83,15 +83,20 @@ def main(argv=None) -> None:
     from genecompass.corpus import Corpus
     from genecompass.data import CorpusDataset, MaskingCollator, TokenBudgetBatchSampler
     from genecompass.evaluate import knn_cv, mean_pairwise_cosine
-    from genecompass.knowledge import load_knowledge, read_manifest
+    from genecompass.knowledge import load_knowledge
     from genecompass.model import (
         IGNORE_INDEX,
-        GeneCompassConfig,
         GeneCompassForPretraining,
         pool_cells,
     )
     from genecompass.reference import load_reference
-    from genecompass.train import PretrainConfig, _parameter_groups, lr_lambda, mask_generator
+    from genecompass.train import (
+        PretrainConfig,
+        _parameter_groups,
+        lr_lambda,
+        mask_generator,
+        model_config_for,
+    )
 
     torch.set_num_threads(args.threads)
     overrides = dict(kv.split("=", 1) for kv in args.set)
@@ -101,20 +106,7 @@ def main(argv=None) -> None:
     reference = load_reference()
     corpus = Corpus.open(args.corpus)
     tables = load_knowledge(args.knowledge, reference.hash, config.knowledge_tables) if args.knowledge else {}
-    manifest = read_manifest(args.knowledge) if args.knowledge else None
-    model_config = GeneCompassConfig.from_preset(
-        config.model,
-        vocab_size=reference.vocab_size,
-        pad_token_id=reference.pad_id,
-        mask_token_id=reference.mask_id,
-        species_token_ids=dict(reference.species_token_ids),
-        reference_hash=reference.hash,
-        knowledge_tables=list(tables),
-        knowledge_dims={name: int(t[0].shape[1]) for name, t in tables.items()},
-        knowledge_sha256={n: manifest["tables"][n]["sha256"] for n in tables} if manifest else {},
-        knowledge_dir=str(Path(args.knowledge).resolve()) if args.knowledge else None,
-        **{**config.model_overrides, **model_overrides},
-    )
+    model_config = model_config_for(config, reference, tables, args.knowledge, **model_overrides)
     id_w = model_config.id_loss_weight if args.id_weight is None else args.id_weight
     value_w = model_config.value_loss_weight if args.value_weight is None else args.value_weight
     max_length = config.max_length or model_config.max_position_embeddings

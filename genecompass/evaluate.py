@@ -108,8 +108,8 @@ def init_run(
     import torch
 
     from .corpus import Corpus, check_output_path, remove_path
-    from .knowledge import load_knowledge, read_manifest
-    from .model import GeneCompassConfig, GeneCompassForPretraining, parameter_counts
+    from .knowledge import load_knowledge
+    from .model import GeneCompassForPretraining, parameter_counts
     from .run import quiet_transformers, write_run_info
     from .train import PretrainConfig
 
@@ -132,32 +132,17 @@ def init_run(
             f"use is {reference.hash}; re-tokenise the data with this gc"
         )
     tables: dict = {}
-    manifest = None
     if knowledge_dir is not None:
         tables = load_knowledge(knowledge_dir, reference.hash, config.knowledge_tables)
-        manifest = read_manifest(knowledge_dir)
     elif config.knowledge_tables:
         raise InputError(
             f"the config asks for knowledge tables {config.knowledge_tables}; pass --knowledge DIR"
         )
-    from .train import corpus_gene_tokens
+    from .train import corpus_gene_tokens, model_config_for
 
     head_genes = corpus_gene_tokens(corpus, reference) if config.id_head == "corpus" else None
-    model_config = GeneCompassConfig.from_preset(
-        config.model,
-        vocab_size=reference.vocab_size,
-        pad_token_id=reference.pad_id,
-        mask_token_id=reference.mask_id,
-        species_token_ids=dict(reference.species_token_ids),
-        reference_hash=reference.hash,
-        knowledge_tables=list(tables),
-        knowledge_dims={name: int(t[0].shape[1]) for name, t in tables.items()},
-        knowledge_sha256={name: manifest["tables"][name]["sha256"] for name in tables} if manifest else {},
-        knowledge_dir=str(Path(knowledge_dir).resolve()) if knowledge_dir is not None else None,
-        **({"id_head_size": len(head_genes)} if head_genes is not None else {}),
-        **config.model_overrides,
-    )
-    limit = getattr(model_config, "max_sequence_length", model_config.max_position_embeddings)
+    model_config = model_config_for(config, reference, tables, knowledge_dir, head_genes=head_genes)
+    limit = model_config.max_sequence_length
     max_length = config.max_length or limit
     if max_length > limit:
         raise InputError(f"max_length {max_length} exceeds the model's {limit} positions")

@@ -262,6 +262,38 @@ def distributed_environment() -> Iterator[dict[str, int]]:
 # Pieces of the training loop
 
 
+def model_config_for(
+    config: PretrainConfig,
+    reference: Any,
+    tables: dict[str, Any],
+    knowledge_dir: str | Path | None,
+    *,
+    head_genes: np.ndarray | None = None,
+    **overrides: Any,
+):
+    """The ``GeneCompassConfig`` a fresh pre-training run of ``config`` builds: the preset's sizes, the gene
+    reference's vocabulary and special tokens, the knowledge ``tables`` loaded from ``knowledge_dir`` (their
+    sha256 from its manifest), the corpus ID head's size, then ``config.model_overrides``, ``overrides``."""
+    from .knowledge import read_manifest
+    from .model import GeneCompassConfig
+
+    manifest = read_manifest(knowledge_dir) if knowledge_dir is not None else None
+    return GeneCompassConfig.from_preset(
+        config.model,
+        vocab_size=reference.vocab_size,
+        pad_token_id=reference.pad_id,
+        mask_token_id=reference.mask_id,
+        species_token_ids=dict(reference.species_token_ids),
+        reference_hash=reference.hash,
+        knowledge_tables=list(tables),
+        knowledge_dims={name: int(t[0].shape[1]) for name, t in tables.items()},
+        knowledge_sha256={name: manifest["tables"][name]["sha256"] for name in tables} if manifest else {},
+        knowledge_dir=str(Path(knowledge_dir).resolve()) if knowledge_dir is not None else None,
+        **({"id_head_size": len(head_genes)} if head_genes is not None else {}),
+        **{**config.model_overrides, **overrides},
+    )
+
+
 def corpus_gene_tokens(corpus: Any, reference: Any) -> np.ndarray:
     """Token ids of the genes a corpus holds (those with a finite median: expressed somewhere in it),
     special tokens excluded: the classes of the ``id_head: corpus`` ID head."""
@@ -514,7 +546,7 @@ def _pretrain(
     from .corpus import Corpus
     from .data import CorpusDataset, MaskingCollator, TokenBudgetBatchSampler
     from .knowledge import load_knowledge
-    from .model import IGNORE_INDEX, GeneCompassConfig, GeneCompassForPretraining, parameter_counts
+    from .model import IGNORE_INDEX, GeneCompassForPretraining, parameter_counts
 
     if not os.environ.get("GC_DEBUG"):
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -587,9 +619,6 @@ def _pretrain(
             _check_resumable(config, saved, world_size, checkpoint)
 
         # -- model --------------------------------------------------------------------------------------
-        from .knowledge import read_manifest
-
-        manifest = read_manifest(knowledge_dir) if knowledge_dir is not None else None
         initial = None
         head_genes = corpus_gene_tokens(corpus, reference) if config.id_head == "corpus" else None
         if init_dir is not None:
@@ -599,22 +628,7 @@ def _pretrain(
                 initial = GeneCompassForPretraining.from_pretrained(init_dir, knowledge_dir=knowledge_dir)
             model_config = initial.config
         else:
-            model_config = GeneCompassConfig.from_preset(
-                config.model,
-                vocab_size=reference.vocab_size,
-                pad_token_id=reference.pad_id,
-                mask_token_id=reference.mask_id,
-                species_token_ids=dict(reference.species_token_ids),
-                reference_hash=reference.hash,
-                knowledge_tables=list(tables),
-                knowledge_dims={name: int(t[0].shape[1]) for name, t in tables.items()},
-                knowledge_sha256={name: manifest["tables"][name]["sha256"] for name in tables}
-                if manifest
-                else {},
-                knowledge_dir=str(Path(knowledge_dir).resolve()) if knowledge_dir is not None else None,
-                **({"id_head_size": len(head_genes)} if head_genes is not None else {}),
-                **config.model_overrides,
-            )
+            model_config = model_config_for(config, reference, tables, knowledge_dir, head_genes=head_genes)
         max_length = config.max_length or model_config.max_sequence_length
         if max_length > model_config.max_sequence_length:
             raise InputError(
