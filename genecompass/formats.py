@@ -556,7 +556,7 @@ def import_genecompass(
 
     import torch
 
-    from .knowledge import read_manifest, write_knowledge_table
+    from .knowledge import file_sha256, read_manifest, write_knowledge_table
     from .medians import Medians
     from .model import GeneCompassConfig, GeneCompassForPretraining
     from .run import (
@@ -621,7 +621,7 @@ def import_genecompass(
             "imported_from": {
                 "format": "genecompass",
                 "checkpoint": str(checkpoint.directory.resolve()),
-                "weights_sha256": _file_sha256(checkpoint.weights),
+                "weights_sha256": file_sha256(checkpoint.weights),
                 "token_dict": str(Path(token_dict_path).resolve()),
                 "medians": str(Path(medians_path).resolve()) if medians_path else None,
                 "original_config": checkpoint.config,
@@ -663,12 +663,6 @@ def import_genecompass(
         else str(checkpoint.medians) if isinstance(checkpoint.medians, Path)
         else f"{len(checkpoint.medians):,} genes; {n_missing:,} vocabulary genes without one use 1",
     }
-
-
-def _file_sha256(path: Path) -> str:
-    from .knowledge import file_sha256
-
-    return file_sha256(path)
 
 
 # --------------------------------------------------------------------------------------------------------
