@@ -34,12 +34,16 @@ def info(as_json: bool = JsonOption) -> None:
 
 @reference_app.command("lookup")
 def lookup(
-    genes: list[str] = typer.Argument(..., help="Symbols, aliases or Ensembl IDs (versioned or not)."),
+    genes: list[str] = typer.Argument(
+        ..., help="Symbols, previous symbols, aliases or Ensembl IDs (versioned or not)."
+    ),
     species: str | None = typer.Option(None, "--species", help="human or mouse; both when omitted."),
     as_json: bool = JsonOption,
 ) -> None:
-    """Look up genes: token id, Ensembl ID, symbol, species. A mouse gene with a one-to-one human ortholog
-    shares the human gene's token.
+    """Look up genes: token id, Ensembl ID, symbol, species, and how the name matched (symbol, previous
+    symbol, alias, ...). A mouse gene with a one-to-one human ortholog shares the human gene's token.
+    Without --species an exact official symbol of either species wins (Gapdh is mouse); otherwise human is
+    searched before mouse.
 
     Example: gc reference lookup TP53 Trp53 --json
     """
@@ -59,14 +63,15 @@ def lookup(
     if as_json:
         print_json(rows)
     else:
-        table = Table("query", "token", "gene id", "symbol", "species", "biotype")
+        table = Table("query", "token", "gene id", "symbol", "species", "biotype", "matched as")
         for row in rows:
             if not row["found"]:
-                table.add_row(row["query"], "-", "not found", "", "", "")
+                table.add_row(row["query"], "-", "not found", "", "", "", "")
             else:
                 token = "-" if row["token_id"] is None else str(row["token_id"])
                 table.add_row(
-                    row["query"], token, row["gene_id"], row["symbol"], row["species"], row["biotype"]
+                    row["query"], token, row["gene_id"], row["symbol"], row["species"], row["biotype"],
+                    row["match"].replace("_", " "),
                 )
         console.print(table)
     if not any(row["found"] for row in rows):

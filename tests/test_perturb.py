@@ -154,10 +154,11 @@ def test_unknown_gene_says_so_and_points_to_lookup():
 def test_gene_list_skips_unknown_names_but_not_all_of_them():
     from genecompass.perturb import resolve_gene_list
 
-    tokens, unknown = resolve_gene_list(["STAT1", "ZBED9", "IRF7", "NOTAGENE1"], source="tfs.txt")
-    assert tokens == resolve_genes(["STAT1", "IRF7"]) and unknown == ["ZBED9", "NOTAGENE1"]
+    # CCL4L1: a current NCBI symbol with no gene in GRCh38 Ensembl/GENCODE (only GRCh37 had one)
+    tokens, unknown = resolve_gene_list(["STAT1", "CCL4L1", "IRF7", "NOTAGENE1"], source="tfs.txt")
+    assert tokens == resolve_genes(["STAT1", "IRF7"]) and unknown == ["CCL4L1", "NOTAGENE1"]
     with pytest.raises(InputError, match=r"tfs.txt: none of its 2 genes is in the vocabulary"):
-        resolve_gene_list(["ZBED9", "NOTAGENE1"], source="tfs.txt")
+        resolve_gene_list(["CCL4L1", "NOTAGENE1"], source="tfs.txt")
 
 
 # ---------------------------------------------------------------------------- tiny model, real data

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from genecompass.errors import FormatError, InputError
-from genecompass.reference import DATA_FILES, GeneRecord, detect_gene_ids, load_reference
+from genecompass.reference import DATA_FILES, NAME_FILES, GeneRecord, detect_gene_ids, load_reference
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "genecompass" / "reference_data"
@@ -187,7 +187,66 @@ def test_copy_of_bundle_loads_with_same_hash(tmp_path, ref):
     assert load_reference(tmp_path / "ref").hash == ref.hash
 
 
-@pytest.mark.parametrize("name", DATA_FILES)
+# The identity every corpus, medians file, knowledge table and checkpoint records. It changes only when the
+# vocabulary files change, and then everything built with it must be rebuilt: change it deliberately.
+IDENTITY = "ref-9e9d896ff9639540"
+
+
+def test_identity_hash_is_the_one_corpora_and_checkpoints_record(ref):
+    assert ref.hash == IDENTITY
+    assert ref.names_hash is not None and ref.names_hash.startswith("names-")
+    assert ref.manifest["name_files"] == list(NAME_FILES)
+
+
+def _rewrite(path: Path, text: bytes, manifest_path: Path) -> dict:
+    path.write_bytes(gzip.compress(text))
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][path.name]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return manifest
+
+
+def test_name_tables_are_verified_but_outside_the_identity_hash(tmp_path, ref):
+    from genecompass.reference import names_hash
+
+    shutil.copytree(BUNDLE, tmp_path / "ref")
+    path, manifest_path = tmp_path / "ref" / "names_human.tsv.gz", tmp_path / "ref" / "manifest.json"
+    lines = gzip.decompress(path.read_bytes()).split(b"\n")
+    text = b"\n".join(line for line in lines if not line.startswith(b"CD97\t"))
+    manifest = _rewrite(path, text, manifest_path)
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(FormatError, match="names hash"):  # sha256 fixed, names_hash not
+        load_reference(tmp_path / "ref")
+    contents = {name: gzip.decompress((tmp_path / "ref" / name).read_bytes()) for name in NAME_FILES}
+    manifest["names_hash"] = names_hash(contents)
+    manifest_path.write_text(json.dumps(manifest))
+    edited = load_reference(tmp_path / "ref")
+    assert edited.hash == ref.hash and edited.names_hash != ref.names_hash
+    assert edited.lookup("CD97", "human") == [] and ref.lookup("CD97", "human")[0].symbol == "ADGRE5"
+
+
+def test_a_bundle_without_name_tables_resolves_with_its_alias_tables(tmp_path, ref):
+    shutil.copytree(BUNDLE, tmp_path / "ref")
+    manifest_path = tmp_path / "ref" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for name in manifest.pop("name_files"):
+        (tmp_path / "ref" / name).unlink()
+        del manifest["files"][name]
+    del manifest["names_hash"]
+    manifest_path.write_text(json.dumps(manifest))
+    old = load_reference(tmp_path / "ref")
+    assert old.hash == ref.hash and old.names_hash is None
+    assert old.lookup("p53")[0].gene_id == TP53  # an NCBI synonym
+    assert old.lookup("GARS", "human") == []  # previous symbols came with the name tables
+
+
+def test_a_missing_name_table_is_named(tmp_path):
+    shutil.copytree(BUNDLE, tmp_path / "ref")
+    (tmp_path / "ref" / "names_mouse.tsv.gz").unlink()
+    with pytest.raises(FormatError, match=r"names_mouse\.tsv\.gz: missing"):
+        load_reference(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("name", DATA_FILES + NAME_FILES)
 def test_one_altered_byte_is_detected(tmp_path, name):
     shutil.copytree(BUNDLE, tmp_path / "ref")
     path = tmp_path / "ref" / name
