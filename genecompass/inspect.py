@@ -22,6 +22,7 @@ def inspect_counts(
     max_cells_checked: int | None = None,
     chunk_size: int = 4096,
     progress: Callable[[int, int], None] | None = None,
+    top_unmapped: int = 20,
 ) -> dict[str, Any]:
     """Summarise a count file with one streaming pass over its cells.
 
@@ -37,6 +38,7 @@ def inspect_counts(
         max_cells_checked: scan only the first N cells (the per-cell statistics then describe those).
         chunk_size: cells per read.
         progress: called as ``progress(n_cells_done, n_cells_to_do)`` after each chunk.
+        top_unmapped: how many of the genes without a token to list (those holding the most counts).
 
     Returns:
         dict with ``path``, ``format``, ``n_cells``, ``n_genes``, ``id_type``, ``species``,
@@ -46,8 +48,13 @@ def inspect_counts(
         ``n_cells_checked``, ``n_tokens_in_vocab`` (distinct tokens), for CSV/TSV tables ``orientation``,
         ``median_counts_per_cell``, ``median_genes_per_cell``, ``mito_fraction_median`` (median over cells
         with any counts of mito counts / total; NaN when no cell has counts), ``obs_columns``,
-        ``reference_hash``.
+        ``unmapped_genes`` (the gene columns that get no token, see :func:`_unmapped`), ``reference_hash``
+        and ``names_hash`` (the gene-name tables that mapped the symbols).
     """
+    if top_unmapped < 0:
+        from .errors import InputError
+
+        raise InputError(f"top_unmapped must be 0 or more, not {top_unmapped}")
     if reference is None:
         from .reference import load_reference
 
@@ -58,6 +65,7 @@ def inspect_counts(
         totals = np.zeros(n_todo, dtype=np.float64)
         n_genes = np.zeros(n_todo, dtype=np.int64)
         mito = np.zeros(n_todo, dtype=np.float64)
+        gene_totals = np.zeros(src.n_genes, dtype=np.float64)
         is_mito = gmap.is_mito
         n_negative = n_non_finite = n_non_integer = nnz = 0
         for chunk in src.iter_chunks(chunk_size, 0, n_todo):
@@ -73,6 +81,7 @@ def inspect_counts(
             totals[sl] = np.bincount(rows, weights=clean, minlength=chunk.n_rows)
             n_genes[sl] = np.diff(chunk.indptr)
             mito[sl] = np.bincount(rows, weights=clean * is_mito[chunk.indices], minlength=chunk.n_rows)
+            gene_totals += np.bincount(chunk.indices, weights=clean, minlength=src.n_genes)
             if progress is not None:
                 progress(chunk.stop, n_todo)
         has_counts = totals > 0
@@ -99,8 +108,49 @@ def inspect_counts(
             "median_genes_per_cell": float(np.median(n_genes)) if n_todo else float("nan"),
             "mito_fraction_median": float(np.median(mito_frac)) if mito_frac.size else float("nan"),
             "obs_columns": src.obs_columns(),
+            "unmapped_genes": _unmapped(src, gmap, gene_totals, reference, top_unmapped),
             "reference_hash": reference.hash,
+            "names_hash": getattr(reference, "names_hash", None),
         }
+
+
+def _unmapped(src, gmap, gene_totals: np.ndarray, reference: Any, top: int) -> dict[str, Any]:
+    """The gene columns without a token, and the share of the scanned counts they hold.
+
+    ``n_genes``; ``count_share`` (their counts / all counts; 0.0 when there are no counts);
+    ``n_unknown_name`` (names or IDs the reference does not know: a typo, a retired ID, another species,
+    a name the reference has no previous-symbol or alias entry for) and ``n_known_not_in_vocab`` (genes the
+    reference knows but whose biotype, e.g. a pseudogene, has no token); ``top``: up to ``top`` of them with
+    the most counts, each ``{"gene", "symbol" (the file's symbol when its ids are not symbols, else None),
+    "gene_id" (the reference gene, None when unknown), "counts", "share", "reason"}``, most counts first
+    (ties: file order)."""
+    unmapped = np.flatnonzero(gmap.col_token == NOT_IN_VOCAB)
+    total = float(gene_totals.sum())
+    # A known gene is one the reference has an ID for: an Ensembl column may hold a retired or made-up ID.
+    biotypes = reference.biotypes_for_ids([gmap.gene_ids[i] or "" for i in unmapped], gmap.species)
+    known = np.array([b is not None for b in biotypes], dtype=bool)
+    order = np.argsort(-gene_totals[unmapped], kind="stable")[:top]
+    names = [str(n) for n in src.var_names]
+    symbols = src.gene_symbols if src.gene_symbols is not None and src.gene_symbols != src.var_names else None
+    unknown = "unknown Ensembl ID (retired?)" if gmap.id_type == "ensembl" else "unknown name"
+    rows = []
+    for j in order:
+        i = unmapped[j]
+        rows.append({
+            "gene": names[i],
+            "symbol": None if symbols is None else str(symbols[i]),
+            "gene_id": gmap.gene_ids[i] if known[j] else None,
+            "counts": float(gene_totals[i]),
+            "share": float(gene_totals[i] / total) if total > 0 else 0.0,
+            "reason": f"biotype {biotypes[j]}: no token" if known[j] else unknown,
+        })
+    return {
+        "n_genes": int(unmapped.size),
+        "count_share": float(gene_totals[unmapped].sum() / total) if total > 0 else 0.0,
+        "n_unknown_name": int((~known).sum()),
+        "n_known_not_in_vocab": int(known.sum()),
+        "top": rows,
+    }
 
 
 def _orientation(src) -> dict[str, Any]:

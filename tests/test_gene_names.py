@@ -1,9 +1,12 @@
 """Gene names as labs write them: previous HGNC symbols and aliases (the name tables of the reference
-bundle), their precedence, species precedence."""
+bundle), their precedence, species precedence, and `gc inspect`'s list of the genes it could not map."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from genecompass.inspect import inspect_counts
 from genecompass.io import open_counts
 from genecompass.reference import load_reference
 
@@ -135,6 +139,48 @@ def test_a_human_file_maps_previous_symbols_to_human_tokens(tmp_path, ref):
     expected = {**{n: ref.lookup(g, "human")[0].token_id for n, (g, _) in PREVIOUS.items()},
                 **{n: ref.lookup(s, "human")[0].token_id for n, s in HUMAN_FIRST.items()}}
     assert {n: int(gmap.col_token[names.index(n)]) for n in expected} == expected
+
+
+def test_inspect_lists_the_unmapped_genes_and_their_share(tmp_path, ref):
+    path = _human_symbol_file(tmp_path / "lab.h5ad")
+    report = inspect_counts(path, reference=ref, top_unmapped=1)
+    unmapped = report["unmapped_genes"]
+    n_genes = report["n_genes"]
+    total = 4 * (n_genes - 2) + 4 * 5 + 4 * 3
+    assert unmapped["n_genes"] == 2 and unmapped["n_unknown_name"] == 2
+    assert unmapped["count_share"] == pytest.approx((4 * 5 + 4 * 3) / total)
+    assert unmapped["top"] == [{"gene": NOT_IN_GENCODE, "symbol": None, "gene_id": None, "counts": 20.0,
+                                "share": pytest.approx(20 / total), "reason": "unknown name"}]
+    assert inspect_counts(path, reference=ref, top_unmapped=0)["unmapped_genes"]["top"] == []
+
+    out = subprocess.run([sys.executable, "-m", "cli.app", "inspect", str(path), "--json"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(out.stdout)["unmapped_genes"]["top"]
+    assert [row["gene"] for row in listed] == [NOT_IN_GENCODE, "NOTAGENE1"]
+
+    out = subprocess.run([sys.executable, "-m", "cli.app", "inspect", str(path)], capture_output=True,
+                         text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    assert "unmapped_genes" in out.stdout and "2 (" in out.stdout and "CCL4L1" in out.stdout
+
+    bad = subprocess.run([sys.executable, "-m", "cli.app", "inspect", str(path), "--top-unmapped", "-1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode != 0 and "--top-unmapped" in bad.stderr
+
+
+def test_inspect_names_known_genes_outside_the_vocabulary(ref):
+    report = inspect_counts(REPO / "data" / "pbmc3k.h5ad", reference=ref, max_cells_checked=300)
+    unmapped = report["unmapped_genes"]
+    assert unmapped["n_genes"] == report["n_genes"] - report["n_genes_in_vocab"]
+    assert unmapped["n_unknown_name"] + unmapped["n_known_not_in_vocab"] == unmapped["n_genes"]
+    assert 0 < unmapped["count_share"] < 0.02 and len(unmapped["top"]) == 20
+    shares = [row["share"] for row in unmapped["top"]]
+    assert shares == sorted(shares, reverse=True)
+    # hg19 IDs retired since (CCL5's old ID) and pseudogenes (no token) are told apart
+    reasons = {row["symbol"]: row["reason"] for row in unmapped["top"]}
+    assert reasons["CCL5"] == "unknown Ensembl ID (retired?)"
+    assert any(r.startswith("biotype ") and r.endswith("no token") for r in reasons.values())
 
 
 # ------------------------------------------------------------------------------------- the build rule
