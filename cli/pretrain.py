@@ -112,7 +112,8 @@ def pretrain(
     """Pre-train GeneCompass on a corpus with DeepSpeed: masked-gene ID + value prediction.
 
     Runs as a single process without a launcher, or one process per GPU under torchrun, the deepspeed
-    launcher or SLURM srun (rank 0 prints). A killed run continues with --resume.
+    launcher or SLURM srun (rank 0 prints). A killed run continues with --resume. SIGTERM or SIGUSR1
+    (preemption, scancel, a SLURM time limit) stops it after the current step with a checkpoint, exit code 75.
 
     Example: gc pretrain pbmc3k.zarr --config tiny --out runs/tiny --max-steps 200
 
@@ -145,6 +146,7 @@ def pretrain(
         raise InputError(
             f"the config asks for knowledge tables {settings.knowledge_tables}; pass --knowledge DIR"
         )
+    from genecompass.train import EXIT_STOPPED
     from genecompass.train import pretrain as run_pretraining
 
     is_main = _rank() == 0
@@ -183,6 +185,17 @@ def pretrain(
             progress=update,
             init_from=init,
         )
+    if summary["stopped"]:
+        # SIGTERM / SIGUSR1 (preemption, scancel, the time limit): every rank saved the same checkpoint.
+        if is_main:
+            if as_json:
+                print_json(summary)
+            _write_stderr(
+                f"gc pretrain: stopped by {summary['stopped']} after step {summary['steps']}/"
+                f"{summary['max_steps']}; checkpoint {summary['checkpoint']}; continue with --resume "
+                f"(exit code {EXIT_STOPPED})"
+            )
+        raise typer.Exit(EXIT_STOPPED)
     if not is_main:
         return
     if as_json:

@@ -13,6 +13,10 @@ Guarantees:
 - Checkpoints (``out/checkpoints/step_N``) are written under a temporary name and renamed when every rank
   is done; they hold the engine state plus sampler position, RNG states per rank, the step and the config,
   so a run killed at any moment and resumed with ``resume=True`` continues the same trajectory.
+- SIGTERM or SIGUSR1 (SLURM preemption, ``scancel``, the time limit, ``--signal=B:USR1@N`` forwarded by the
+  recipes) stops a run cleanly: the ranks agree on stopping through the per-step all-reduce, finish the
+  optimizer step, write a checkpoint and return a summary with ``stopped`` set (``gc pretrain`` exits with
+  ``EXIT_STOPPED``); the run continues with ``resume=True``.
 - The final model is exported unwrapped with ``save_pretrained`` to ``out/model`` (safetensors, the
   reference hash and a copy of the knowledge manifest in it; the knowledge tables themselves are not copied).
 
@@ -31,9 +35,11 @@ import logging
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -56,6 +62,10 @@ ID_HEADS = ("full", "corpus")
 # Settings a resumed run may change without changing the trajectory.
 RESUMABLE_CHANGES = ("max_steps", "save_every", "keep_checkpoints", "log_every", "num_workers")
 _MASK_STREAM = 0x6D61736B  # separates the masking seed stream from other uses of (seed, epoch, batch)
+# Signals that stop a run after the current step with a checkpoint; `gc pretrain` then exits with
+# EXIT_STOPPED (sysexits' EX_TEMPFAIL: "try again later", i.e. resume).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_STOPPED = 75
 
 ProgressCallback = Callable[[int, int, dict], None]
 
@@ -510,7 +520,7 @@ def pretrain(
     """
     if not isinstance(config, PretrainConfig):
         config = PretrainConfig.load(config)
-    with distributed_environment() as ranks:
+    with distributed_environment() as ranks, _stop_on_signals() as stop:
         return _pretrain(
             Path(corpus_path),
             config,
@@ -522,7 +532,36 @@ def pretrain(
             progress=progress,
             reference=reference,
             init_from=init_from,
+            stop=stop,
         )
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[dict[str, str | None]]:
+    """While training, SIGTERM / SIGUSR1 only record that a stop was asked for (``stop["signal"]``); the
+    loop acts on it at the next step boundary. Outside the main thread (no handlers possible) nothing is
+    installed. The previous handlers come back on exit."""
+    stop: dict[str, str | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        stop["signal"] = stop["signal"] or signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers: SLURM signals every process of a step; the training process decides, and a
+    worker that died of SIGTERM would fail the step that is still to finish."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _pretrain(
@@ -537,6 +576,7 @@ def _pretrain(
     progress: ProgressCallback | None,
     reference: Any,
     init_from: str | Path | None = None,
+    stop: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
     import deepspeed
     import torch
@@ -684,6 +724,7 @@ def _pretrain(
             num_workers=config.num_workers,
             generator=torch.Generator().manual_seed(config.seed),  # worker seeds never touch the global RNG
             pin_memory=not on_cpu,
+            worker_init_fn=_ignore_stop_signals if config.num_workers else None,
         )
 
         # -- engine -------------------------------------------------------------------------------------
@@ -725,6 +766,8 @@ def _pretrain(
         window_tokens, window_start = 0, start_time
         last: dict[str, float] = {}
         saved_at: int | None = step if checkpoint is not None else None
+        stop = stop if stop is not None else {"signal": None}
+        stopped: str | None = None
         while step < config.max_steps:
             micro = []
             for _ in range(config.grad_accum):
@@ -743,8 +786,13 @@ def _pretrain(
                 sums += torch.stack(
                     [output.id_loss.detach(), output.value_loss.detach(), batch["attention_mask"].sum()]
                 ).double() * torch.tensor([normaliser, normaliser, 1.0], dtype=torch.float64, device=device)
-            id_sum, value_sum, step_tokens = _all_reduce(sums)
+            # The stop votes ride on this all-reduce: every rank sees the same count and stops at the same
+            # step, whichever rank (or all) got the signal.
+            votes = torch.tensor([stop["signal"] is not None], dtype=torch.float64, device=device)
+            id_sum, value_sum, step_tokens, stop_votes = _all_reduce(torch.cat([sums, votes]))
             step += 1
+            if stop_votes and step < config.max_steps:
+                stopped = stop["signal"] or "a signal to another rank"
             tokens_seen += int(step_tokens)
             window_tokens += int(step_tokens)
             denominator = max(n_global, 1.0)
@@ -763,7 +811,7 @@ def _pretrain(
             if is_main and (step % config.log_every == 0 or step == config.max_steps):
                 log.write(last)
                 window_tokens, window_start = 0, now
-            if step % config.save_every == 0 or step == config.max_steps:
+            if step % config.save_every == 0 or step == config.max_steps or stopped:
                 client = {
                     "step": step,
                     "tokens": tokens_seen,
@@ -772,6 +820,7 @@ def _pretrain(
                     "config": config.to_dict(),
                     "world_size": world_size,
                     "model_config": model_config.to_dict(),
+                    "stopped": stopped,  # the signal that stopped the run here (the recipes read it)
                 }
                 _save_checkpoint(
                     engine, checkpoint_root, step, client, rank, is_main, config.keep_checkpoints
@@ -779,6 +828,25 @@ def _pretrain(
                 saved_at = step
             if is_main and progress is not None:
                 progress(step, config.max_steps, last)
+            if stopped:
+                break
+
+        if stopped:  # no final model: the run is not finished
+            if is_main:
+                log.close()
+            dist.barrier()
+            return {
+                "steps": step,
+                "max_steps": config.max_steps,
+                "stopped": stopped,
+                "loss": last.get("loss"),
+                "tokens": tokens_seen,
+                "world_size": world_size,
+                "out_dir": str(out_dir),
+                "checkpoint": str(checkpoint_root / f"step_{saved_at}"),
+                "resumed_from": str(checkpoint) if checkpoint is not None else None,
+                "notes": notes,
+            }
 
         # -- export -------------------------------------------------------------------------------------
         model_dir = out_dir / "model"
@@ -802,6 +870,7 @@ def _pretrain(
         dist.barrier()
         return {
             "steps": step,
+            "stopped": None,
             "loss": last.get("loss"),
             "id_loss": last.get("id_loss"),
             "value_loss": last.get("value_loss"),

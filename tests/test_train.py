@@ -189,22 +189,32 @@ def test_distributed_environment_without_launcher_and_under_slurm(monkeypatch):
 # ------------------------------------------------------------------------------------------- single process
 
 
-def test_pretrain_outputs_and_determinism(tmp_path, synthetic):
-    from genecompass.model import GeneCompassForPretraining
+SIX_STEPS = {"max_steps": 6, "save_every": 4, "keep_checkpoints": 1}
 
-    config = quick_config(max_steps=6, save_every=4, keep_checkpoints=1)
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory, synthetic):
+    """A 6-step single-process run with knowledge (dropout on): (run directory, summary, progress calls)."""
+    out = tmp_path_factory.mktemp("six_steps") / "a"
     seen = []
     summary = pretrain(
         synthetic["corpus"],
-        config,
-        tmp_path / "a",
+        quick_config(**SIX_STEPS),
+        out,
         knowledge_dir=synthetic["knowledge"],
         reference=REF,
         progress=lambda step, total, metrics: seen.append((step, total)),
     )
+    return out, summary, seen
+
+
+def test_pretrain_outputs_and_determinism(tmp_path, synthetic, six_steps):
+    from genecompass.model import GeneCompassForPretraining
+
+    config = quick_config(**SIX_STEPS)
+    out, summary, seen = six_steps
     assert seen == [(s, 6) for s in range(1, 7)]
     assert summary["steps"] == 6 and summary["world_size"] == 1 and summary["tokens"] > 0
-    out = tmp_path / "a"
     rows = read_log(out / "train_log.csv")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert set(rows[0]) == {
@@ -234,6 +244,39 @@ def test_pretrain_outputs_and_determinism(tmp_path, synthetic):
     assert [r["loss"] for r in read_log(tmp_path / "b" / "train_log.csv")] == [r["loss"] for r in rows]
     assert again["loss"] == summary["loss"]
     assert max_difference(model_weights(out), model_weights(tmp_path / "b")) == 0.0
+
+
+def test_stop_signal_saves_after_the_step_and_resume_continues_the_same_trajectory(
+    tmp_path, synthetic, six_steps
+):
+    """SIGUSR1 (the recipes' --signal=B:USR1@N; SIGTERM takes the same path) during step 2: the run finishes
+    step 3 (the stop vote rides on the next step's all-reduce), checkpoints it, says so and writes no final
+    model; resuming gives the uninterrupted run's losses and weights (dropout on: RNG state restored)."""
+    import signal
+
+    config = quick_config(**{**SIX_STEPS, "save_every": 100})  # no checkpoint but the stop's before step 6
+    corpus, knowledge = synthetic["corpus"], synthetic["knowledge"]
+    straight = six_steps[0]
+
+    def signal_at_step_2(step: int, total: int, metrics: dict) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    run = tmp_path / "stopped"
+    stopped = pretrain(corpus, config, run, knowledge_dir=knowledge, reference=REF, progress=signal_at_step_2)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
+    assert stopped["stopped"] == "SIGUSR1" and stopped["steps"] == 3
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_3"]
+    assert not (run / "model").exists()
+    resumed = pretrain(corpus, config, run, knowledge_dir=knowledge, reference=REF, resume=True)
+    assert resumed["stopped"] is None and resumed["resumed_from"].endswith("step_3")
+    ours = read_log(run / "train_log.csv")
+    assert [r["step"] for r in ours] == list(range(1, 7))
+    for a, b in zip(read_log(straight / "train_log.csv"), ours, strict=True):
+        for key in ("loss", "id_loss", "value_loss", "lr", "tokens"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+    assert max_difference(model_weights(straight), model_weights(run)) <= 1e-6
 
 
 def test_pretrain_refuses_bad_inputs(tmp_path, synthetic):
