@@ -1,8 +1,15 @@
-"""The SLURM recipes (containers/slurm/) run for real.
+"""The SLURM recipes (containers/slurm/) run for real, under a real SLURM on localhost.
 
-Without a scheduler: tokenize-array.sbatch run as plain shell, phase by phase, with the variables SLURM would
-set (prepare, each array task, the merge); the merged corpus is byte-identical to one unsharded `gc tokenize`.
-Bad input (a missing input, image, shard count) fails in the first seconds with one line.
+Under SLURM: each pre-training recipe is stopped the way a cluster stops jobs and continues from its
+checkpoint, and the end result (losses, tokens, weights) equals one uninterrupted single-process run with
+the same seed and global batch. The srun recipe gets `scancel --signal=TERM` and is resubmitted; the torchrun
+recipe gets SIGUSR1 in its batch shell (what `--signal=B:USR1@300` sends before the time limit) and requeues
+itself; the deepspeed recipe is stopped by `scontrol requeue`. The job array tokenises as one process does.
+
+Where SLURM is not installed: tokenize-array.sbatch run as plain shell, phase by phase, with the variables
+SLURM would set (prepare, each array task, the merge); the merged corpus is byte-identical to one unsharded
+`gc tokenize` (with SLURM the same phases run under it instead). Bad input (a missing input, image, shard
+count, corpus, config) fails in the first seconds with one line, as plain shell in any case.
 """
 
 from __future__ import annotations
@@ -56,7 +63,15 @@ def unsharded(tmp_path_factory) -> Path:
 # ---- tokenize-array.sbatch as plain shell runs ----------------------------------------------------------
 
 
+def slurm_installed() -> bool:
+    import shutil
+
+    return all(Path(d).exists() for d in DAEMONS) and bool(shutil.which("sbatch")) and os.geteuid() == 0
+
+
 def test_tokenize_array_phases_as_shell_give_the_unsharded_corpus(tmp_path, unsharded):
+    if slurm_installed():
+        pytest.skip("SLURM is installed: test_tokenize_array_under_slurm_... runs these phases under it")
     out = tmp_path / "corpus.zarr"
     settings = dict(INPUTS=str(PBMC3K), OUT_CORPUS=str(out), SHARDS="3", SLURM_SUBMIT_DIR=str(tmp_path))
     prepare = run_plain(TOKENIZE, recipe_env(**settings, SUBMIT="0"), tmp_path)
@@ -108,7 +123,7 @@ SlurmdUser=root
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 AuthType=auth/munge
-AuthInfo=socket={root}/munge.sock
+AuthInfo=socket={root}/munge.sock,cred_expire=10
 CredType=cred/munge
 StateSaveLocation={root}/ctld
 SlurmdSpoolDir={root}/spool
@@ -123,11 +138,12 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
-KillWait=5
 MinJobAge=600
+KillWait=30
 FirstJobId={first_job}
 NodeName={host} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN
 PartitionName=gc Nodes=ALL Default=YES MaxTime=INFINITE State=UP
@@ -170,30 +186,51 @@ def _stop(pid: int | None, timeout: float = 20) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+
+
 class Slurm:
-    """A running localhost cluster: `env` for sbatch/scontrol, `sbatch(...)` to submit and wait."""
+    """A running localhost cluster: `env` for sbatch/scontrol; `submit`, `job`, `wait` and `sbatch`. Jobs are
+    polled with scontrol every 0.3 s (`sbatch --wait` polls with a back-off of up to 32 s)."""
 
     def __init__(self, root: Path):
         self.root = root
         self.env = recipe_env(SLURM_CONF=str(root / "slurm.conf"))
 
-    def sbatch(self, script: Path | None, out: Path, *options: str, timeout: int = 600, **settings: str):
-        """sbatch --wait: (return code, the job's output, seconds). No script: give --wrap in options."""
-        env = {**self.env, **settings}
-        command = [
-            "sbatch",
-            "--wait",
-            "--time=15",
-            f"--output={out}",
-            *options,
-            *([str(script)] if script else []),
-        ]
-        start = time.monotonic()
+    def run(self, *command: str) -> str:
+        result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
+        return result.stdout
+
+    def submit(self, script: Path, out: Path, *options: str, **settings: str) -> str:
+        """sbatch (no waiting): the job id."""
+        command = ["sbatch", "--parsable", "--time=15", f"--output={out}", *options, str(script)]
         result = subprocess.run(
-            command, env=env, cwd=out.parent, capture_output=True, text=True, timeout=timeout
+            command, env={**self.env, **settings}, cwd=out.parent, capture_output=True, text=True, timeout=60
         )
-        text = out.read_text() if out.exists() else ""
-        return result.returncode, text + result.stderr, time.monotonic() - start
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...)."""
+        text = self.run("scontrol", "show", "job", "--oneliner", job_id)
+        return dict(field.split("=", 1) for field in text.split() if "=" in field)
+
+    def wait(self, job_id: str, until=lambda job: job["JobState"] in FINISHED, timeout: float = 600):
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if until(job):
+                return job
+            assert time.monotonic() < deadline, f"job {job_id} still {job['JobState']} after {timeout} s"
+            time.sleep(0.3)
+
+    def sbatch(self, script: Path, out: Path, *options: str, timeout: int = 600, **settings: str):
+        """Submit and wait: (exit code, the job's output, seconds)."""
+        start = time.monotonic()
+        job = self.wait(self.submit(script, out, *options, **settings), timeout=timeout)
+        code = int(job["ExitCode"].split(":")[0]) or int(job["JobState"] != "COMPLETED")
+        return code, out.read_text() if out.exists() else "", time.monotonic() - start
 
 
 @pytest.fixture(scope="session")
@@ -276,8 +313,8 @@ max_length: 129
 max_tokens: 512
 warmup_steps: 2
 log_every: 1
-max_steps: 4
-save_every: 2
+max_steps: 8
+save_every: 4
 zero_stage: {zero}
 grad_accum: {accum}
 model_overrides: {{hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}}
@@ -335,11 +372,11 @@ def pretrain_data(tmp_path_factory):
 def assert_run_matches_reference(run: Path, reference: Path) -> None:
     from safetensors.numpy import load_file
 
-    from genecompass.train import read_log
+    from genecompass.train import latest_checkpoint, read_log
 
-    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step_2", "step_4"]
+    assert latest_checkpoint(run).name == "step_8"
     ours, theirs = read_log(run / "train_log.csv"), read_log(reference / "train_log.csv")
-    assert [r["step"] for r in ours] == [1, 2, 3, 4]
+    assert [r["step"] for r in ours] == list(range(1, 9))
     for a, b in zip(ours, theirs, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
         assert a["tokens"] == b["tokens"]
@@ -352,24 +389,43 @@ def assert_run_matches_reference(run: Path, reference: Path) -> None:
 
 
 RECIPES = {
-    # recipe: sbatch options for one 2-CPU node, and the settings the recipe reads
-    "pretrain-srun.sbatch": (["--ntasks-per-node=2", "--cpus-per-task=1"], {}),
-    "pretrain-torchrun.sbatch": (["--ntasks-per-node=1", "--cpus-per-task=2"], {"GPUS_PER_NODE": "2"}),
-    "pretrain-deepspeed.sbatch": (["--ntasks-per-node=1", "--cpus-per-task=2"], {"GPUS_PER_NODE": "2"}),
+    # recipe: sbatch options for one 2-CPU node, the settings the recipe reads, and how it is stopped
+    "pretrain-srun.sbatch": (["--ntasks-per-node=2", "--cpus-per-task=1"], {}, "scancel-TERM"),
+    "pretrain-torchrun.sbatch": (
+        ["--ntasks-per-node=1", "--cpus-per-task=2"],
+        {"GPUS_PER_NODE": "2"},
+        "batch-USR1",
+    ),
+    "pretrain-deepspeed.sbatch": (
+        ["--ntasks-per-node=1", "--cpus-per-task=2"],
+        {"GPUS_PER_NODE": "2"},
+        "requeue",
+    ),
 }
+
+
+def logged_steps(run: Path) -> int:
+    try:
+        return len((run / "train_log.csv").read_text().splitlines()) - 1
+    except FileNotFoundError:
+        return 0
+
+
+def stopped_step(output: str) -> int:
+    found = re.findall(r"gc pretrain: stopped by SIG(?:TERM|USR1) after step (\d+)/8; checkpoint", output)
+    assert len(found) == 1, output[-5000:]
+    return int(found[0])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_recipe_under_slurm_matches_one_process(slurm, pretrain_data, recipe):
-    options, settings = RECIPES[recipe]
+def test_recipe_under_slurm_stopped_and_resumed_matches_one_process(slurm, pretrain_data, recipe):
+    """Each recipe is stopped once it has logged a step, as a cluster stops jobs, and continues from the
+    checkpoint gc writes on the signal; the whole run then equals the uninterrupted single-process run."""
+    options, settings, stop = RECIPES[recipe]
     name = recipe.removesuffix(".sbatch")
-    code, output, _ = slurm.sbatch(
-        SLURM_DIR / recipe,
-        pretrain_data / f"{name}.out",
-        "--nodes=1",
-        "--gpus-per-node=0",
-        *options,
+    run, out = pretrain_data / "runs" / name, pretrain_data / f"{name}.out"
+    settings = dict(
         DATA_DIR=str(pretrain_data),
         CONFIG=str(pretrain_data / "ranks.yaml"),
         RUN_NAME=name,
@@ -377,9 +433,34 @@ def test_recipe_under_slurm_matches_one_process(slurm, pretrain_data, recipe):
         RDZV_PORT=str(_free_port()),
         **settings,
     )
-    assert code == 0, output[-5000:]
-    assert re.search(r"on 2\s+rank\(s\)", output), output[-3000:]
-    assert_run_matches_reference(pretrain_data / "runs" / name, pretrain_data / "runs" / "single")
+    job_id = slurm.submit(SLURM_DIR / recipe, out, "--nodes=1", "--gpus-per-node=0", *options, **settings)
+    slurm.wait(job_id, until=lambda job: logged_steps(run) >= 1 or job["JobState"] in FINISHED)
+    assert slurm.job(job_id)["JobState"] == "RUNNING", out.read_text()[-5000:]
+    if stop == "scancel-TERM":  # every process of the job's steps (not the batch shell) gets SIGTERM
+        slurm.run("scancel", "--signal=TERM", job_id)
+        job = slurm.wait(job_id)
+        assert (job["JobState"], job["ExitCode"]) == ("FAILED", "75:0"), out.read_text()[-5000:]
+        step = stopped_step(out.read_text())
+        assert step < 8 and not (run / "model").exists()
+        assert logged_steps(run) == step
+        # resubmitted as it was: the recipe finds the checkpoints and passes --resume
+        settings.update(MASTER_PORT=str(_free_port()))
+        job_id = slurm.submit(SLURM_DIR / recipe, out, "--nodes=1", "--gpus-per-node=0", *options, **settings)
+    elif stop == "batch-USR1":  # the batch shell alone gets SIGUSR1: the job stops and requeues itself
+        slurm.run("scancel", "--batch", "--signal=USR1", job_id)
+    else:  # SLURM's own requeue (as preemption with PreemptMode=REQUEUE): SIGTERM to every process
+        slurm.run("scontrol", "requeue", job_id)
+    job = slurm.wait(job_id)
+    output = out.read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), output[-5000:]
+    if stop != "scancel-TERM":
+        assert job["Restarts"] == "1", output[-5000:]
+        assert stopped_step(output) < 8
+    if stop == "batch-USR1":
+        assert f"gc-pretrain: time limit near: requeueing job {job_id}" in output
+    assert "note: resumed from step_" in output, output[-5000:]
+    assert len(re.findall(r"on 2\s+rank\(s\)", output)) == 1, output[-3000:]
+    assert_run_matches_reference(run, pretrain_data / "runs" / "single")
 
 
 BAD_PRETRAIN_INPUT = [
@@ -443,12 +524,12 @@ def test_tokenize_array_under_slurm_gives_the_unsharded_corpus(slurm, tmp_path, 
     )
     assert code == 0, output
     merge_id = (tmp_path / "corpus.work" / "merge.jobid").read_text().strip()
-    # Wait for the merge (it waits for the whole array): a job that depends on it.
-    code, output, _ = slurm.sbatch(
-        None, tmp_path / "wait.out", f"--dependency=afterany:{merge_id}", "--wrap=true"
-    )
-    assert code == 0, output
+    merge = slurm.wait(merge_id)  # it starts once the whole array succeeded
+    assert merge["JobState"] == "COMPLETED", merge
     merge_out = tmp_path / f"gc-tokenize-merge-{merge_id}.out"
     assert merge_out.exists() and "merging 3 shards" in merge_out.read_text(), sorted(tmp_path.iterdir())
     assert len(list(tmp_path.glob("gc-tokenize-shard-*_*.out"))) == 3
     assert_same_tree(out, unsharded)
+    work = tmp_path / "corpus.work"
+    assert (work / "medians.tsv").is_file()
+    assert not (work / "shards").exists()  # removed after the merge (KEEP_SHARDS=1 keeps them)
