@@ -13,6 +13,9 @@ Steps (each writes OUT/<step>.json):
               full length, logits over the full vocabulary at every position, bf16 autocast, AdamW
   embed       `gc embed` (the CLI command, in-process) with the trained run: cells/s, peak GPU memory
   report      gathers the step files into OUT/gpu_check.json and OUT/gpu_check.md (a table)
+  dry-run     --dry-run only: the tokenise and every step above, in the shell script's order, in this one
+              process (on the CPU there is no CUDA context or peak memory to keep apart; one torch and
+              DeepSpeed start-up instead of six)
 
 In --dry-run every step runs on the CPU with the tiny model, few cells and few steps; the SDPA restriction
 then also allows the math kernel (CPU attention with dropout has no other). Its figures are CPU figures
@@ -377,9 +380,26 @@ def step_report(args) -> None:
     print("\n".join(lines))
 
 
+def step_dry_run(args) -> None:
+    if not args.dry_run:
+        sys.exit("gpu_check: the dry-run step runs with --dry-run only")
+    corpus = args.out / "pbmc3k.zarr"
+    _run_gc(["tokenize", str(REPO / "data" / "pbmc3k.h5ad"), "--out", str(corpus), "--overwrite"])
+
+    def with_(**changes) -> argparse.Namespace:
+        return argparse.Namespace(**{**vars(args), "corpus": corpus, **changes})
+
+    step_device(with_())
+    step_pretrain(with_(name="pretrain", zero_stage=0))
+    step_geneformer(with_(steps=args.gen_steps))
+    step_embed(with_(run=args.out / "run_pretrain"))
+    step_pretrain(with_(name="zero2", zero_stage=2, steps=args.zero2_steps))
+    step_report(with_())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["device", "pretrain", "geneformer", "embed", "report"])
+    parser.add_argument("step", choices=["device", "pretrain", "geneformer", "embed", "report", "dry-run"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--corpus", type=Path)
@@ -390,6 +410,8 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument("--cells", type=int, default=0, help="embed: first N cells of PBMC3k (0 = all)")
     parser.add_argument("--cells-per-batch", type=int, default=0, help="geneformer (0: max_tokens / length)")
+    parser.add_argument("--gen-steps", type=int, default=3, help="dry-run: the geneformer step's steps")
+    parser.add_argument("--zero2-steps", type=int, default=3, help="dry-run: the ZeRO-2 run's steps")
     args = parser.parse_args()
     if args.dry_run:
         os.environ["DS_ACCELERATOR"] = "cpu"
@@ -399,6 +421,7 @@ def main() -> None:
         "geneformer": step_geneformer,
         "embed": step_embed,
         "report": step_report,
+        "dry-run": step_dry_run,
     }[args.step](args)
 
 

@@ -9,7 +9,8 @@
 # Writes OUT/gpu_check.json and OUT/gpu_check.md (a table); each step also writes OUT/<step>.json.
 #
 #   bash bench/gpu_check.sh [--out DIR] [--steps N]
-#   bash bench/gpu_check.sh --dry-run [--out DIR]   # CPU, tiny sizes: every code path up to the CUDA calls
+#   bash bench/gpu_check.sh --dry-run [--out DIR]   # CPU, tiny sizes: every code path up to the CUDA calls,
+#                                                   # all steps in one process
 #
 # Environment: VENV (default .venv), STEPS (default 40), ZERO2_STEPS (default 15), GEN_STEPS (default 15).
 set -euo pipefail
@@ -28,7 +29,7 @@ while (($#)); do
         --dry-run) dry=(--dry-run) ;;
         --out) OUT="$2"; shift ;;
         --steps) STEPS="$2"; shift ;;
-        -h | --help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h | --help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -57,6 +58,15 @@ fi
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${HOME}/.cache/gc/torch_extensions}"
 mkdir -p "${OUT}"
 rm -f "${OUT}"/*.json "${OUT}/gpu_check.md"
+
+if ((${#dry[@]})); then
+    log "dry run: tokenise and steps 1-5 in one process"
+    step dry-run --steps "${STEPS}" --gen-steps "${GEN_STEPS}" --zero2-steps "${ZERO2_STEPS}" \
+        --warmup "${warmup}" --cells "${embed_cells}"
+    rm -rf "${OUT}/run_pretrain/checkpoints" "${OUT}/run_zero2/checkpoints"
+    log "done: ${OUT}/gpu_check.json, ${OUT}/gpu_check.md"
+    exit 0
+fi
 
 log "1/5 device"
 step device
