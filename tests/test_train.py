@@ -341,11 +341,18 @@ def assert_matches_reference(out: Path, reference: Path) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_under_torchrun_with_zero2_match_one_process(tmp_path, synthetic, single_process_reference):
+    """Also when stopped through one rank: SIGTERM to rank 1 alone after step 1; the stop vote on the
+    per-step all-reduce makes both ranks stop after the same step with one checkpoint, and the resumed run
+    equals the single process."""
     launcher = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
     out = tmp_path / "torchrun"
-    check(
-        run_worker(launcher, synthetic, out, {"max_steps": 4, "zero_stage": 2, "model_overrides": NO_DROPOUT})
-    )
+    settings = {"max_steps": 4, "zero_stage": 2, "model_overrides": NO_DROPOUT}
+    check(run_worker(launcher, synthetic, out, settings, "--term-rank1-at-step", "1"))
+    ranks = [json.loads((out / f"summary_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["stopped"] for r in ranks] == ["a signal to another rank", "SIGTERM"]
+    assert ranks[0]["steps"] == ranks[1]["steps"] < 4
+    assert latest_checkpoint(out).name == f"step_{ranks[0]['steps']}" and not (out / "model").exists()
+    check(run_worker(launcher, synthetic, out, settings, "--resume"))
     assert_matches_reference(out, single_process_reference)
 
 

@@ -1,7 +1,8 @@
 """Run ``genecompass.train.pretrain`` on a synthetic corpus, for tests that need their own processes.
 
 Launched as ``python pretrain_worker.py ...``, under ``torchrun`` or under the ``deepspeed`` launcher (which
-adds ``--local_rank``). ``--kill-at-step N`` SIGKILLs the process right after step N, as a crash would.
+adds ``--local_rank``). ``--kill-at-step N`` SIGKILLs the process right after step N, as a crash would;
+``--term-rank1-at-step N`` has rank 0 send SIGTERM to rank 1 alone after step N (a stop only one rank sees).
 Each rank writes ``summary_rank{R}.json`` into the output directory.
 """
 
@@ -29,13 +30,19 @@ def main() -> None:
     parser.add_argument("--settings", default="{}", help="JSON object of PretrainConfig overrides")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at-step", type=int)
+    parser.add_argument("--term-rank1-at-step", type=int)
     args, _ = parser.parse_known_args()  # the deepspeed launcher adds --local_rank=N
 
     config = PretrainConfig.load("tiny").replace(**json.loads(args.settings))
+    rank = int(os.environ.get("RANK", "0"))
+    pid_file = Path(args.out).parent / f"{Path(args.out).name}.pid_rank{rank}"
+    pid_file.write_text(str(os.getpid()))
 
-    def progress(step: int, total: int, metrics: dict) -> None:
+    def progress(step: int, total: int, metrics: dict) -> None:  # rank 0 only
         if args.kill_at_step is not None and step == args.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
+        if args.term_rank1_at_step is not None and step == args.term_rank1_at_step:
+            os.kill(int(pid_file.with_name(f"{Path(args.out).name}.pid_rank1").read_text()), signal.SIGTERM)
 
     summary = pretrain(
         args.corpus,
@@ -46,7 +53,6 @@ def main() -> None:
         progress=progress,
         reference=FakeReference(),
     )
-    rank = int(os.environ.get("RANK", "0"))
     Path(args.out, f"summary_rank{rank}.json").write_text(json.dumps(summary, default=str))
 
 
