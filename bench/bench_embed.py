@@ -88,7 +88,7 @@ def main() -> None:
     lengths = tokens.lengths
 
     def gc_path(part):  # what `gc embed` runs: length-sorted batches, species shortcut, inference mode
-        return embed_tokens(model, part, batch_size=args.batch_size)
+        return embed_tokens(model, part, pool="species", batch_size=args.batch_size)
 
     def sorted_full(part):  # length-sorted batches, full forward under no_grad (gc embed before this change)
         out = np.zeros((part.n_cells, config.hidden_size), np.float32)

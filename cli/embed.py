@@ -21,10 +21,11 @@ def embed(
         help="Output .h5ad, or .zarr (an AnnData zarr store written chunk by chunk as cells are embedded, "
         "so memory stays flat): obs of the input + obsm['X_genecompass'].",
     ),
-    pool: str = typer.Option(
-        "species",
+    pool: str | None = typer.Option(
+        None,
         "--pool",
-        help="species: output at the species token (the paper); mean: mean of gene outputs.",
+        help="mean: mean of the gene outputs; species: output at the species token (the paper). "
+        "Default: the run's own cell_embedding (mean for runs gc pre-trains).",
     ),
     genes: bool = typer.Option(
         False,
@@ -61,7 +62,7 @@ def embed(
     from genecompass.errors import InputError
 
     # Everything a user can get wrong is checked before the model stack (torch) is imported.
-    if pool not in ("species", "mean"):
+    if pool is not None and pool not in ("species", "mean"):
         raise InputError(f"--pool must be species or mean, not {pool!r}")
     checks.trained_run(model)
     checks.count_file(data, obs_keys=[plot])

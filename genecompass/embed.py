@@ -269,24 +269,25 @@ def embed_tokens(
     model,
     tokens: CellTokens,
     *,
-    pool: str = "species",
+    pool: str | None = None,
     batch_size: int = 64,
     max_tokens: int | None = None,
     genes: GeneAccumulator | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Cell embeddings (n, H) float32 in input order, computed in length-sorted batches on the model's
-    device, in inference mode. The species pool without gene outputs skips the last layer's work at the
+    """Cell embeddings (n, H) float32 in input order (``pool``: default the model's ``cell_embedding``),
+    computed in length-sorted batches on the model's device, in inference mode. The species pool without gene outputs skips the last layer's work at the
     gene positions (``species_outputs``)."""
     import torch
 
     from .model import pool_cells
 
+    encoder = model.genecompass if hasattr(model, "genecompass") else model
+    pool = pool or encoder.config.cell_embedding
     if pool not in POOLS:
         raise InputError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, not {batch_size}")
-    encoder = model.genecompass if hasattr(model, "genecompass") else model
     device = next(encoder.parameters()).device
     out = np.zeros((tokens.n_cells, encoder.config.hidden_size), np.float32)
     was_training = encoder.training
@@ -367,18 +368,19 @@ def _gene_table(accumulator: GeneAccumulator, reference) -> dict[str, np.ndarray
     return table
 
 
-def _prepare(out, overwrite: bool, run, pool: str):
+def _prepare(out, overwrite: bool, run, pool: str | None):
+    """The output path (checked), the loaded run and the pooling (``None``: the run's ``cell_embedding``)."""
     from .corpus import check_output_path
     from .run import LoadedRun, load_run
 
-    if pool not in POOLS:
+    if pool is not None and pool not in POOLS:
         raise InputError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
     if out is not None:
         out = Path(out)
         check_output_path(out, overwrite)
     if not isinstance(run, LoadedRun):
         run = load_run(run)
-    return out, run
+    return out, run, pool or run.model.config.cell_embedding
 
 
 def is_zarr_path(path: str | Path) -> bool:
@@ -389,7 +391,7 @@ def embed(
     data,
     run,
     *,
-    pool: str = "species",
+    pool: str | None = None,
     genes: bool = False,
     batch_size: int = 64,
     max_tokens: int | None = None,
@@ -405,8 +407,9 @@ def embed(
     Returns an AnnData: the input AnnData itself (keys added in place) when one is given; for a path, a new
     AnnData holding the input's obs (all columns) and no genes (``X`` is empty: embeddings only). Keys:
 
-    - ``obsm["X_genecompass"]``: float32 (n_cells, hidden): the species-token output (``pool="species"``,
-      the paper's cell embedding) or the mean of the gene outputs (``pool="mean"``).
+    - ``obsm["X_genecompass"]``: float32 (n_cells, hidden): the mean of the gene outputs (``pool="mean"``)
+      or the species-token output (``pool="species"``, the paper's cell embedding); ``None``: the run's
+      ``cell_embedding`` (``mean`` for runs made by gc, see bench/RESULTS.md).
     - ``uns["genecompass"]``: provenance: run path, reference hash, medians hash, pool, max_length,
       batch size, n_cells, n_empty_cells (cells with no vocabulary gene: embedded from the species token
       alone).
@@ -422,7 +425,7 @@ def embed(
     import anndata as ad
     import pandas as pd
 
-    out, run = _prepare(out, overwrite, run, pool)
+    out, run, pool = _prepare(out, overwrite, run, pool)
     if out is not None and is_zarr_path(out) and isinstance(data, (str, Path)):
         embed_to_zarr(
             data,
@@ -471,7 +474,7 @@ def embed_to_zarr(
     run,
     *,
     out: str | Path,
-    pool: str = "species",
+    pool: str | None = None,
     genes: bool = False,
     batch_size: int = 64,
     max_tokens: int | None = None,
@@ -488,7 +491,7 @@ def embed_to_zarr(
     ``genes``, ``uns["genecompass_genes"]``; ``anndata.read_zarr(out)`` opens it. It is written under a
     temporary name and renamed when whole; an existing ``out`` needs ``overwrite``. Returns
     ``uns["genecompass"]`` plus ``out``, ``embedding_shape`` and (with ``genes``) ``n_genes_embedded``."""
-    out, run = _prepare(out, overwrite, run, pool)
+    out, run, pool = _prepare(out, overwrite, run, pool)
     hidden = run.model.config.hidden_size
     with TokenStream(data, run, chunk_size=chunk_size, layer=layer) as stream:
         writer = ZarrEmbeddingWriter(out, stream.obs, stream.n_cells, hidden, chunk_rows=chunk_size)

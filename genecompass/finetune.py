@@ -347,7 +347,6 @@ def finetune_celltype(
         options,
         device,
         seed=options.seed,
-        cell_embedding="species",
     )
     steps_per_epoch = -(-len(train) // options.batch_size)
     trainer = Trainer(model, options, total_steps=steps_per_epoch * options.epochs, device=device)

@@ -110,8 +110,10 @@ class GeneCompassConfig(PretrainedConfig):
     species_token_ids: dict[str, int] = field(default_factory=lambda: {"human": 2, "mouse": 3})
     reference_hash: str = ""  # gene reference the token ids belong to
 
-    # "species": the output at the species token (the paper); "mean": the mean over gene positions.
-    cell_embedding: str = "species"
+    # "mean": the mean over gene positions; "species": the output at the species token (the paper). Mean is
+    # the default because masked-gene pre-training sends no loss to position 0: its output stays nearly the
+    # same for every cell (bench/RESULTS.md, "Pre-training diagnosis").
+    cell_embedding: str = "mean"
     classifier_dropout: float | None = None  # None: use hidden_dropout_prob
     tie_word_embeddings: bool = True  # the ID decoder shares the gene-ID embedding matrix
 

@@ -14,7 +14,8 @@ ratio is ``r = 2**v - 1``. The edits (pure numpy, one cell at a time, on genes *
 Only the perturbed gene moves: it is re-inserted at its new rank (value descending, ties by token id
 ascending, the corpus rule) and the cell is re-truncated to ``k`` genes. Combinations apply edits in turn.
 
-Cell embeddings are the species token's output (``GeneCompassModel.get_cell_embeddings``); a state's
+Cell embeddings are the run's own (``config.cell_embedding``: the mean of the gene outputs, or the species
+token's output; ``GeneCompassModel.get_cell_embeddings``); a state's
 embedding is the mean over that state's cells. Shift toward target t = cos(perturbed, t) − cos(original, t).
 Unlike the original code (×10,000 value, cuda:1, goal states never wired), the dose is explicit and bounded,
 and every effect is compared with random control genes at the same dose.
@@ -333,8 +334,10 @@ class Embedder:
     def cell_embeddings(
         self, cells: Sequence[Cell], species: Sequence[int], progress: Progress = None
     ) -> np.ndarray:
-        """(N, H) float32: the species token's output for each cell."""
+        """(N, H) float32: each cell's embedding, pooled as the run's ``cell_embedding`` says."""
         import torch
+
+        from .model import pool_cells
 
         out = np.zeros((len(cells), self.config.hidden_size), dtype=np.float32)
         if not cells:
@@ -344,7 +347,8 @@ class Embedder:
         with torch.no_grad():
             for batch in self._batches(lengths):
                 tensors = self._tensors([cells[i] for i in batch], [species[i] for i in batch])
-                hidden = self.model(*tensors).last_hidden_state[:, 0]  # (B, H)
+                output = self.model(*tensors)
+                hidden = pool_cells(output.last_hidden_state, output.attention_mask, self.config.cell_embedding)
                 out[batch] = hidden.float().cpu().numpy()
                 done += len(batch)
                 if progress:

@@ -105,7 +105,8 @@ def test_gc_embed_writes_an_h5ad_with_embeddings_and_a_plot(tiny_run, cells_h5ad
     assert list(adata.obs["cell_type"]) == list(ad.read_h5ad(cells_h5ad).obs["cell_type"])  # input order
     provenance = adata.uns["genecompass"]
     assert provenance["reference_hash"] == tiny_run.reference_hash
-    assert provenance["medians_hash"] == tiny_run.medians_hash and provenance["pool"] == "species"
+    assert provenance["medians_hash"] == tiny_run.medians_hash
+    assert provenance["pool"] == tiny_run.model.config.cell_embedding == "mean"  # the run's own default
     again = CliRunner().invoke(cli_app(), args)  # no silent replacement
     assert again.exit_code != 0 and "already exists" in str(again.exception)
     assert not list(tmp_path.glob(".*partial*"))
@@ -157,13 +158,12 @@ def test_embeddings_do_not_depend_on_batch_size(tiny_run, pbmc3k_subset):
     from genecompass.embed import embed
 
     adata = pbmc3k_subset[:64].copy()
-    one = embed(adata.copy(), tiny_run, batch_size=1).obsm["X_genecompass"]
-    many = embed(adata.copy(), tiny_run, batch_size=64).obsm["X_genecompass"]
-    budget = embed(adata.copy(), tiny_run, batch_size=64, max_tokens=300, pool="species").obsm[
-        "X_genecompass"
-    ]
-    assert np.abs(one - many).max() < 1e-5
-    assert np.abs(budget - many).max() < 1e-5
+    for pool in ("mean", "species"):
+        one = embed(adata.copy(), tiny_run, batch_size=1, pool=pool).obsm["X_genecompass"]
+        many = embed(adata.copy(), tiny_run, batch_size=64, pool=pool).obsm["X_genecompass"]
+        budget = embed(adata.copy(), tiny_run, batch_size=64, max_tokens=300, pool=pool).obsm["X_genecompass"]
+        assert np.abs(one - many).max() < 1e-5
+        assert np.abs(budget - many).max() < 1e-5
 
 
 def test_species_shortcut_equals_the_full_forward(tiny_run, pbmc3k_subset):

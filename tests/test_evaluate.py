@@ -119,7 +119,7 @@ def test_bench_embed_on_kang_cells_the_model_never_saw(tmp_path, run_dir, kang_s
         assert "bio_conservation" not in metrics
     pca = results["rows"]["pca"]
     assert pca["knn_accuracy"] > pca["majority_class_rate"] + 0.3  # real cell-type structure is found
-    assert results["rows"]["pretrained"]["pool"] == "species" and results["rows"]["pretrained"]["dims"] == 64
+    assert results["rows"]["pretrained"]["pool"] == "mean" and results["rows"]["pretrained"]["dims"] == 64
     assert (tmp_path / "bench" / "results.md").read_text().startswith("| embedding |")
 
 
