@@ -157,8 +157,13 @@ def test_apptainer_def_sections():
         assert (REPO / source).exists(), f"%files copies {source}, which does not exist"
 
     test = "\n".join(_code(sections["test"]))
-    assert "gc --version" in test
-    assert "gc tokenize /opt/gc/data/pbmc3k.h5ad" in test
+    # %test runs the same pipeline as `make container-check`: tokenise, 10-step pre-training, embed
+    assert "bash /opt/gc/pipeline-check.sh /opt/gc/data/pbmc3k.h5ad" in test
+    assert ["containers/pipeline-check.sh", "/opt/gc/pipeline-check.sh"] in files
+    check = (CONTAINERS / "pipeline-check.sh").read_text()
+    for step in ("gc --version", "gc tokenize", "gc pretrain", "gc embed", "steps=10"):
+        assert step in check, f"pipeline-check.sh lacks {step!r}"
+    assert "pipeline-check.sh" in (CONTAINERS / "check.sh").read_text()
     assert _code(sections["runscript"]) == ['exec gc "$@"']
 
 
@@ -175,6 +180,7 @@ def test_sbatch_runs_gc_pretrain_with_existing_options(script):
     assert not unknown, f"{script.name} passes options `gc pretrain` does not have: {sorted(unknown)}"
     text = script.read_text()
     assert 'apptainer exec --nv --bind "${DATA_DIR}:/data"' in text
+    assert "run=(podman run --rm --network host --ipc host" in text and '-v "${DATA_DIR}:/data"' in text
     assert 'CONFIG="${CONFIG:-small}"' in text
     assert "#SBATCH --nodes=" in text and "#SBATCH --gpus-per-node=" in text
     assert "/home/" not in text and "/Users/" not in text, "no user-specific paths"
