@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -401,19 +400,22 @@ def load_state_dict(weights: Path) -> dict[str, Any]:
 # The run's gene reference: gc's gene tables, the checkpoint's tokens
 
 
-def _tsv_bytes(df: Any) -> bytes:
-    import csv
-
-    buffer = io.StringIO()
-    df.to_csv(buffer, sep="\t", index=False, lineterminator="\n", quoting=csv.QUOTE_NONE)
-    return buffer.getvalue().encode()
-
-
 def write_reference(token_dict: dict[str, int], out: Path, source: str) -> Any:
     """A gene reference bundle at ``out`` whose vocabulary is ``token_dict`` plus <human>, <mouse>."""
     import pandas as pd
 
-    from .reference import DATA_FILES, FORMAT, FORMAT_VERSION, _default_root, bundle_hash, load_reference
+    from .reference import (
+        DATA_FILES,
+        FORMAT,
+        FORMAT_VERSION,
+        NAME_FILES,
+        _default_root,
+        bundle_hash,
+        gzip_bytes,
+        load_reference,
+        names_hash,
+        tsv_bytes,
+    )
 
     base = load_reference()
     V = len(token_dict)
@@ -425,7 +427,7 @@ def write_reference(token_dict: dict[str, int], out: Path, source: str) -> Any:
         "human_gene_id": [k if k.startswith("ENSG") else "" for k, _ in by_token] + ["", ""],
         "mouse_gene_id": [k if k.startswith("ENSMUSG") else "" for k, _ in by_token] + ["", ""],
     })
-    contents = {"vocab.tsv.gz": _tsv_bytes(vocab)}
+    contents = {"vocab.tsv.gz": tsv_bytes(vocab)}
     for species, prefix in (("human", "ENSG"), ("mouse", "ENSMUSG")):
         genes = base.genes(species)
         genes["token_id"] = [token_dict.get(gid, -1) for gid in genes.index]
@@ -440,23 +442,21 @@ def write_reference(token_dict: dict[str, int], out: Path, source: str) -> Any:
             genes["human_gene_id"] = ""  # no mouse gene shares a human token in this vocabulary
         for col in ("is_mito", "symbol_primary"):
             genes[col] = genes[col].astype(int)
-        contents[f"genes_{species}.tsv.gz"] = _tsv_bytes(genes.fillna("").reset_index())
+        contents[f"genes_{species}.tsv.gz"] = tsv_bytes(genes.fillna("").reset_index())
     root = _default_root()
-    for name in ("aliases_human.tsv.gz", "aliases_mouse.tsv.gz", "orthologs.tsv.gz"):
+    # gc's aliases, orthologs and name tables (previous symbols) are keyed by Ensembl ID: they hold as is
+    for name in ("aliases_human.tsv.gz", "aliases_mouse.tsv.gz", "orthologs.tsv.gz", *NAME_FILES):
         contents[name] = gzip.decompress(root.joinpath(name).read_bytes())
-    files = {}
-    for name in DATA_FILES:
-        buffer = io.BytesIO()
-        with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=6, mtime=0) as gz:
-            gz.write(contents[name])
-        files[name] = buffer.getvalue()
+    files = {name: gzip_bytes(contents[name]) for name in (*DATA_FILES, *NAME_FILES)}
     manifest = {
         **{k: v for k, v in base.manifest.items() if k not in ("files", "hash", "counts", "special_tokens")},
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "hash": bundle_hash(contents),
-        "files": {name: {"sha256": hashlib.sha256(files[name]).hexdigest(), "bytes": len(files[name])}
-                  for name in DATA_FILES},
+        "name_files": list(NAME_FILES),
+        "names_hash": names_hash(contents),
+        "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                  for name, data in files.items()},
         "counts": {"vocab_size": V + 2, "n_special_tokens": 4,
                    "n_human_genes": sum(k.startswith("ENSG") for k in token_dict),
                    "n_mouse_genes": sum(k.startswith("ENSMUSG") for k in token_dict)},

@@ -129,6 +129,26 @@ def names_hash(contents: dict[str, bytes]) -> str:
     return _files_hash(contents, NAME_FILES, "names-")
 
 
+def tsv_bytes(df: pd.DataFrame) -> bytes:
+    """A bundle table's uncompressed bytes: tab-separated, header, no index, ``\n`` line ends, no quoting."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    df.to_csv(buffer, sep="\t", index=False, lineterminator="\n", quoting=csv.QUOTE_NONE)
+    return buffer.getvalue().encode("utf-8")
+
+
+def gzip_bytes(content: bytes) -> bytes:
+    """Deterministic gzip of a bundle file (no name, mtime 0, level 9): same content, same bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=9, mtime=0) as gz:
+        gz.write(content)
+    return buffer.getvalue()
+
+
 def _read_table(data: bytes, ints: Sequence[str] = ()) -> Any:
     """A bundle table as a pyarrow Table: tab-separated, no quoting, every column a string (empty fields
     stay "") except ``ints`` (int64). pyarrow parses these files several times faster than pandas, which

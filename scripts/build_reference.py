@@ -38,9 +38,7 @@ given zlib; the bundle hash is over the *uncompressed* content, so it does not d
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import gzip
 import hashlib
 import io
 import json
@@ -62,7 +60,9 @@ from genecompass.reference import (  # noqa: E402
     NAME_FILES,
     NCBI_MITO_NAMES,
     bundle_hash,
+    gzip_bytes,
     names_hash,
+    tsv_bytes,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -467,7 +467,7 @@ def build(wheels: dict[str, Path]) -> dict[str, bytes]:
         "names_human.tsv.gz": names["human"],
         "names_mouse.tsv.gz": names["mouse"],
     }
-    contents = {name: table_bytes(df) for name, df in tables.items()}
+    contents = {name: tsv_bytes(df) for name, df in tables.items()}
     files = {name: gzip_bytes(content) for name, content in contents.items()}
 
     counts = {
@@ -535,19 +535,6 @@ def build(wheels: dict[str, Path]) -> dict[str, bytes]:
     }
     files["manifest.json"] = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
     return files
-
-
-def table_bytes(df: pd.DataFrame) -> bytes:
-    buf = io.StringIO()
-    df.to_csv(buf, sep="\t", index=False, lineterminator="\n", quoting=csv.QUOTE_NONE)
-    return buf.getvalue().encode("utf-8")
-
-
-def gzip_bytes(content: bytes) -> bytes:
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
-        gz.write(content)
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------- main
