@@ -305,12 +305,17 @@ def model_config_for(
 
 
 def corpus_gene_tokens(corpus: Any, reference: Any) -> np.ndarray:
-    """Token ids of the genes a corpus holds (those with a finite median: expressed somewhere in it),
-    special tokens excluded: the classes of the ``id_head: corpus`` ID head."""
+    """Token ids of the genes a corpus holds (those with a finite median: expressed somewhere in it; a corpus
+    without medians is read through once), special tokens excluded: the classes of the ``id_head: corpus``
+    ID head."""
     medians = corpus.gene_medians()
-    if medians is None:
-        raise InputError(f"{corpus.path}: the corpus stores no gene medians; id_head: corpus needs them")
-    tokens = np.flatnonzero(np.isfinite(medians))
+    if medians is not None:
+        tokens = np.flatnonzero(np.isfinite(medians))
+    else:
+        seen = np.zeros(reference.vocab_size, bool)
+        for start, stop in corpus.iter_blocks():
+            seen[corpus.read_cells(start, stop)[1]] = True
+        tokens = np.flatnonzero(seen)
     special = [reference.pad_id, reference.mask_id, *reference.species_token_ids.values()]
     return tokens[~np.isin(tokens, special)].astype(np.int64)
 
