@@ -276,8 +276,8 @@ def embed_tokens(
     on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Cell embeddings (n, H) float32 in input order (``pool``: default the model's ``cell_embedding``),
-    computed in length-sorted batches on the model's device, in inference mode. The species pool without gene outputs skips the last layer's work at the
-    gene positions (``species_outputs``)."""
+    computed in length-sorted batches on the model's device, in inference mode. The species pool without
+    gene outputs skips the last layer's work at the gene positions (``species_outputs``)."""
     import torch
 
     from .model import pool_cells

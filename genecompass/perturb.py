@@ -348,7 +348,8 @@ class Embedder:
             for batch in self._batches(lengths):
                 tensors = self._tensors([cells[i] for i in batch], [species[i] for i in batch])
                 output = self.model(*tensors)
-                hidden = pool_cells(output.last_hidden_state, output.attention_mask, self.config.cell_embedding)
+                pool = self.config.cell_embedding
+                hidden = pool_cells(output.last_hidden_state, output.attention_mask, pool)
                 out[batch] = hidden.float().cpu().numpy()
                 done += len(batch)
                 if progress:
