@@ -17,6 +17,7 @@ from __future__ import annotations
 import filecmp
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -468,6 +469,13 @@ BAD_PRETRAIN_INPUT = [
     ({"CONFIG": "/nonexistent/c.yaml"}, "gc-pretrain: config /nonexistent/c.yaml not found"),
     ({"SIF": "/nonexistent/gc.sif"}, "gc-pretrain: image /nonexistent/gc.sif not found"),
     ({"GC": "/nonexistent/gc"}, "gc-pretrain: /nonexistent/gc not found on PATH"),
+    ({"SIF": "/x/gc.sif", "IMAGE": "localhost/gc:cpu"}, "gc-pretrain: set SIF (Apptainer) or IMAGE (podman)"),
+    (
+        {"IMAGE": "localhost/gc:nonexistent"},
+        "gc-pretrain: image localhost/gc:nonexistent not found by podman"
+        if shutil.which("podman")
+        else "gc-pretrain: IMAGE is set but podman is not on PATH",
+    ),
 ]
 
 
@@ -533,3 +541,77 @@ def test_tokenize_array_under_slurm_gives_the_unsharded_corpus(slurm, tmp_path, 
     work = tmp_path / "corpus.work"
     assert (work / "medians.tsv").is_file()
     assert not (work / "shards").exists()  # removed after the merge (KEEP_SHARDS=1 keeps them)
+
+
+# ---- gc inside the image, through podman, under SLURM ---------------------------------------------------
+# The image is built by `make container-check` (containers/check.sh: buildah, minutes; never by `make test`),
+# which then runs this test with GC_TEST_IMAGE set. In `make test` it runs whenever that image is in
+# containers/check.sh's podman storage (cache/container/), and skips, saying how to build it, when it is not.
+
+PODMAN_STORAGE_CONF = REPO / "cache" / "container" / "conf" / "storage.conf"
+# What this kind of machine needs (as in containers/check.sh): runc, since crun refuses the hybrid cgroup
+# v1/v2 layout, and lowered nofile/nproc limits, since the sandbox lacks CAP_SYS_RESOURCE.
+PODMAN_ARGS = "--runtime runc --ulimit nofile=16384:16384 --ulimit nproc=16384:16384"
+
+
+@pytest.fixture(scope="session")
+def podman_image() -> dict[str, str]:
+    """The settings that give a recipe the image (IMAGE, PODMAN_ARGS, the podman storage), or a skip."""
+    image = os.environ.get("GC_TEST_IMAGE", "localhost/gc:cpu")
+    how = "`make container-check` builds it (buildah, minutes) and runs this test in it"
+    if not shutil.which("podman"):
+        pytest.skip(f"no image: podman is not installed; {how}")
+    settings = {"IMAGE": image, "PODMAN_ARGS": os.environ.get("GC_TEST_PODMAN_ARGS", PODMAN_ARGS)}
+    conf = os.environ.get("CONTAINERS_STORAGE_CONF") or (
+        str(PODMAN_STORAGE_CONF) if PODMAN_STORAGE_CONF.exists() else ""
+    )
+    if conf:
+        settings["CONTAINERS_STORAGE_CONF"] = conf
+    found = subprocess.run(["podman", "image", "exists", image], env={**os.environ, **settings})
+    if found.returncode != 0:
+        pytest.skip(f"no image {image} in podman's storage ({conf or 'podman default'}): {how}")
+    return settings
+
+
+@pytest.mark.slow
+def test_recipe_under_slurm_runs_gc_in_the_image_with_podman(podman_image, slurm, tmp_path):
+    """pretrain-srun.sbatch with IMAGE=...: 2 SLURM tasks, each a `podman run` of the image's gc (ZeRO-2 over
+    gloo on the host network), with DATA_DIR bound at /data; the run lands on the host, owned by the user."""
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(
+        [str(BIN / "gc"), "tokenize", str(PBMC3K), "--out", str(data / "corpus.zarr")],
+        check=True,
+        capture_output=True,
+    )
+    (data / "ranks.yaml").write_text(RECIPE_CONFIG.format(zero=2, accum=1))
+    code, output, seconds = slurm.sbatch(
+        SLURM_DIR / "pretrain-srun.sbatch",
+        tmp_path / "podman.out",
+        "--nodes=1",
+        "--gpus-per-node=0",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "--time=30",
+        timeout=1500,  # each task's `podman run` copies the 3 GB image first with vfs storage (1-3 min here)
+        DATA_DIR=str(data),
+        CONFIG="/data/ranks.yaml",  # paths inside the image
+        RUN_NAME="podman",
+        MASTER_PORT=str(_free_port()),
+        **podman_image,
+    )
+    assert code == 0, output[-5000:]
+    run = data / "runs" / "podman"
+    assert len(re.findall(r"on 2\s+rank\(s\)", output)) == 1, output[-3000:]
+    from genecompass.train import latest_checkpoint, read_log
+
+    rows = read_log(run / "train_log.csv")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(0 < r["loss"] < 100 for r in rows), rows
+    assert latest_checkpoint(run).name == "step_8"
+    # gc ran inside the image: it recorded the corpus by its path there
+    import json
+
+    assert json.loads((run / "model" / "gc_run.json").read_text())["corpus"] == "/data/corpus.zarr"
+    assert (run / "model" / "model.safetensors").stat().st_uid == os.getuid()
+    print(f"podman job: {seconds:.0f} s")
