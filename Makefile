@@ -73,8 +73,10 @@ test: setup system-deps lint rust-test py-test
 bench-tokenize: setup
 	$(PY) bench/bench_tokenize.py
 
-# Builds the CPU image with buildah (no Docker daemon) and runs gc inside it; minutes, not part of `make test`.
-container-check: setup
+# Builds the CPU image with buildah (no Docker daemon), runs tokenise -> pre-train -> embed inside it with podman,
+# and one SLURM job that runs gc in it through podman (tests/test_slurm.py's localhost SLURM, hence
+# system-deps); about 20 minutes, not part of `make test` (docs/hpc.md, section 1).
+container-check: setup system-deps
 	bash containers/check.sh
 
 clean:
