@@ -180,7 +180,8 @@ def test_sbatch_runs_gc_pretrain_with_existing_options(script):
     assert not unknown, f"{script.name} passes options `gc pretrain` does not have: {sorted(unknown)}"
     text = script.read_text()
     assert 'apptainer exec --nv --bind "${DATA_DIR}:/data"' in text
-    assert "run=(podman run --rm --network host --ipc host" in text and '-v "${DATA_DIR}:/data"' in text
+    assert "run=(podman run --rm --no-healthcheck --network host --ipc host" in text
+    assert '-v "${DATA_DIR}:/data"' in text
     assert 'CONFIG="${CONFIG:-small}"' in text
     assert "#SBATCH --nodes=" in text and "#SBATCH --gpus-per-node=" in text
     assert "/home/" not in text and "/Users/" not in text, "no user-specific paths"
