@@ -66,7 +66,7 @@ rust-test:
 	cargo test --all
 
 py-test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25   # the slowest tests, for keeping CI under 20 minutes
 
 test: setup system-deps lint rust-test py-test
 
