@@ -55,6 +55,12 @@ _DTYPES = {
 }
 
 
+def _plain(setting: object) -> object:
+    """A codec setting as its plain value: zarr < 3.2 gives enums (``ShardingCodecIndexLocation.end``),
+    later releases the strings themselves ("end")."""
+    return getattr(setting, "value", setting)
+
+
 def temporary_path(path: Path) -> Path:
     """The name a store is written under until it is complete (same directory, so rename is atomic)."""
     return path.with_name(f".{path.name}.partial")
@@ -103,7 +109,7 @@ class _ShardWriter:
             or not isinstance(array.store, LocalStore)
             or len(codecs) != 1
             or not isinstance(codecs[0], ShardingCodec)
-            or codecs[0].index_location.value != "end"
+            or _plain(codecs[0].index_location) != "end"
             or len(array.shape) != 1
         ):
             return None
@@ -112,19 +118,19 @@ class _ShardWriter:
         if not (
             len(inner) == 2
             and isinstance(inner[0], BytesCodec)
-            and inner[0].endian in (None, inner[0].endian.little)
+            and _plain(inner[0].endian) in (None, "little")
             and isinstance(inner[1], BloscCodec)
             and len(index) == 2
             and isinstance(index[0], BytesCodec)
-            and index[0].endian in (None, index[0].endian.little)
+            and _plain(index[0].endian) in (None, "little")
             and isinstance(index[1], Crc32cCodec)
         ):
             return None
         codec = inner[1]
         blosc = Blosc(
-            cname=codec.cname.value,
+            cname=_plain(codec.cname),
             clevel=codec.clevel,
-            shuffle={"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.value],
+            shuffle={"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[_plain(codec.shuffle)],
             blocksize=codec.blocksize,
             typesize=codec.typesize,
         )
